@@ -1,0 +1,6 @@
+"""LightningModules: what is trained, how the loss and metrics are computed."""
+
+from project.tasks.classifier import ImageClassifier
+from project.tasks.schedules import WarmupCosineLR
+
+__all__ = ["ImageClassifier", "WarmupCosineLR"]
