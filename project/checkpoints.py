@@ -1,0 +1,68 @@
+"""Finding and checking checkpoints before Lightning loads them."""
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from project.errors import UserError
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on CPU, with every failure turned into a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: check the path (runs keep theirs in lightning_logs/<name>/version_N/checkpoints/)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise UserError(
+                f"checkpoint {path} was refused: it holds Python objects other than tensors and plain data, "
+                "which could run code when loaded; only load checkpoints you trust"
+            ) from None
+        raise UserError(f"checkpoint {path} is unreadable ({first}): it is truncated or not a checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {path} is unreadable ({first}): it is truncated or not a checkpoint") from None
+
+
+def check_checkpoint_fits(path: str | Path, model: nn.Module) -> None:
+    """Raise a UserError if ``path`` is unreadable or its weights' shapes differ from ``model``'s."""
+    checkpoint = load_checkpoint(path)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} has no 'state_dict': it is not a Lightning checkpoint of this project")
+    own = model.state_dict()
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    if mismatched:
+        hint = ""
+        if any(k.startswith("net.head.") for k in (m.split()[0] for m in mismatched)):
+            hint = " (the head differs: the checkpoint was trained for another num_classes; use --model.init_from to fine-tune it instead)"
+        raise UserError(f"checkpoint {path} does not fit the model: {'; '.join(mismatched[:3])}{hint}")
+    common = set(state) & set(own)
+    if own and not common:
+        raise UserError(f"checkpoint {path} shares no weights with the model: it is of another architecture")
+
+
+def find_last_checkpoint(run_root: Path) -> Path:
+    """The ``last.ckpt`` of the newest earlier version folder under ``run_root`` (``lightning_logs/<name>``)."""
+    versions = []
+    for d in run_root.glob("version_*"):
+        m = re.fullmatch(r"version_(\d+)", d.name)
+        if m and (d / "checkpoints" / "last.ckpt").is_file():
+            versions.append((int(m.group(1)), d / "checkpoints" / "last.ckpt"))
+    if not versions:
+        raise UserError(
+            f"--ckpt_path last: no earlier run left a last.ckpt under {run_root}/version_*/checkpoints/; "
+            "pass a checkpoint's path instead"
+        )
+    return max(versions)[1]

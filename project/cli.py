@@ -1,0 +1,167 @@
+"""The command line: ``python -m project {fit,validate,test,predict} --config configs/X.yaml``.
+
+A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
+
+- ``num_classes``, ``in_channels`` and ``image_size`` flow from the DataModule into the model
+  (``link_arguments``), so a config never types them;
+- a ModelCheckpoint (``--checkpoint.*``: best by ``val/acc`` as ``best.ckpt``, plus ``last.ckpt``) and a
+  learning-rate monitor on every run, a TensorBoard logger named after the config file;
+- ``fit`` tests the best checkpoint when it ends (``--test_after_fit false`` turns it off) and writes the
+  run's hparams with its final metrics to TensorBoard;
+- ``--ckpt_path last`` resumes from the newest ``last.ckpt`` of earlier runs of the same config, into a new
+  version folder; checkpoints always load with ``weights_only=True`` and are checked before use;
+- bad input ends with one ``error: ...`` line and exit status 2.
+"""
+
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning import LightningDataModule
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from project.checkpoints import check_checkpoint_fits, find_last_checkpoint
+from project.errors import UserError
+from project.reporting import log_hparams_with_metrics
+from project.tasks import ImageClassifier
+
+_SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
+
+
+class ProjectCLI(LightningCLI):
+    """LightningCLI with this project's links, defaults and checks (see the module docstring)."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", ImageClassifier)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault(
+            "trainer_defaults",
+            {
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "lightning_logs", "name": "default", "default_hp_metric": False},
+                },
+            },
+        )
+        super().__init__(args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for attr in ("num_classes", "in_channels", "image_size"):
+            parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After fit, test the best checkpoint (the last weights if none was saved).",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        logger = config.trainer.logger
+        configs = config.get("config") or []
+        if configs and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
+            if logger.init_args.get("name") == "default":
+                logger.init_args.name = Path(str(configs[0])).stem
+
+    # ---- subcommands -------------------------------------------------------------------------------
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in kwargs:
+            kwargs["weights_only"] = True  # a downloaded checkpoint must not be able to run code
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path == "last" and subcommand == "fit":
+            kwargs["ckpt_path"] = ckpt_path = str(self._find_last_checkpoint())
+        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT:
+            check_checkpoint_fits(ckpt_path, self.model)
+        return kwargs
+
+    def _find_last_checkpoint(self) -> Path:
+        logger = self.trainer.logger
+        if not isinstance(logger, TensorBoardLogger):
+            raise UserError("--ckpt_path last needs the TensorBoard logger's folders: pass the checkpoint's path instead")
+        return find_last_checkpoint(Path(logger.root_dir))
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted:
+            return
+        callback = self.trainer.checkpoint_callback
+        metrics: dict[str, float] = {}
+        if isinstance(callback, ModelCheckpoint) and callback.best_model_score is not None:
+            metrics[f"hp/best_{callback.monitor.replace('/', '_')}"] = float(callback.best_model_score)
+        if self.config[self.subcommand].get("test_after_fit", True):
+            best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
+            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
+            metrics.update(_hp_metrics(results))
+        self._log_hparams(metrics)
+
+    def after_test(self) -> None:
+        self._log_hparams(_hp_metrics([dict(self.trainer.callback_metrics)]))
+
+    def predict(self, **kwargs: Any) -> None:
+        """Predict on the DataModule's predict split and write ``predictions.csv`` into the run's folder."""
+        outputs = self.trainer.predict(**kwargs) or []
+        if not self.trainer.is_global_zero or not outputs:
+            return
+        preds = torch.cat([o["pred"] for o in outputs]).tolist()
+        probs = torch.cat([o["prob"] for o in outputs]).max(dim=-1).values.tolist()
+        path = Path(self.trainer.log_dir or ".") / "predictions.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "pred", "prob"])
+            writer.writerows((i, p, f"{q:.4f}") for i, (p, q) in enumerate(zip(preds, probs)))
+        print(f"wrote {len(preds)} predictions to {path}")
+
+    def _log_hparams(self, metrics: dict[str, float]) -> None:
+        config = self.config[self.subcommand]
+        params: dict[str, Any] = {"model": config.model.class_path, "data": config.data.class_path}
+        for section in ("model", "data"):
+            for key, value in vars(config[section].init_args).items():
+                params[f"{section}.{key}"] = value
+        for key in ("max_epochs", "precision", "accumulate_grad_batches"):
+            params[f"trainer.{key}"] = config.trainer.get(key)
+        params["seed"] = config.get("seed_everything")
+        log_hparams_with_metrics(self.trainer, params, metrics)
+
+
+def _hp_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for result in results or []:
+        for key, value in result.items():
+            if key.startswith("test/"):
+                out["hp/" + re.sub(r"\W", "_", key)] = float(value)
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``python -m project``."""
+    try:
+        ProjectCLI(args=args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

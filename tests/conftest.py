@@ -1,0 +1,67 @@
+"""Shared fixtures: fake datasets in the real on-disk formats, the real data when present, CLI runners."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import fakes
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PROJECT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def fake_mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fake_mnist")
+    fakes.write_fake_mnist(root, n_train=512, n_test=128)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_cifar10_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fake_cifar10")
+    fakes.write_fake_cifar10(root, n_train=320, n_test=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_cifar100_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fake_cifar100")
+    fakes.write_fake_cifar100(root, n_train=320, n_test=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_folder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fake_folder")
+    fakes.write_fake_image_folder(root, classes=("cat", "dog", "fox"), n_per_class=12, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_data_dirs(fake_mnist_dir, fake_cifar10_dir, fake_cifar100_dir, fake_folder_dir) -> dict[str, Path]:
+    """Fake data folder for each DataModule class name that reads one."""
+    return {
+        "MNISTDataModule": fake_mnist_dir,
+        "CIFAR10DataModule": fake_cifar10_dir,
+        "CIFAR100DataModule": fake_cifar100_dir,
+        "ImageFolderDataModule": fake_folder_dir,
+    }
+
+
+@pytest.fixture(scope="session")
+def real_mnist_dir() -> Path:
+    if not (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip(f"real MNIST not found under {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def run_project(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m project ARGS`` in a fresh process, run in ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "project", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

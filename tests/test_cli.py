@@ -1,0 +1,178 @@
+"""The command line end to end: fit -> checkpoint -> test in a fresh process, overrides, print_config,
+resume with --ckpt_path last, TensorBoard contents, and one-line errors for bad input."""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from project.cli import main
+from tests.conftest import REPO, run_project
+from tests.tb import read_run, scalars
+
+LENET = str(REPO / "configs" / "mnist_lenet.yaml")
+
+
+def _fit_args(data_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit", f"--config={LENET}", f"--data.data_dir={data_dir}", "--data.val_size=128", "--data.batch_size=64",
+        "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", *extra,
+    ]
+
+
+def _versions(tmp_path: Path, name: str = "mnist_lenet") -> list[Path]:
+    return sorted((tmp_path / "lightning_logs" / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+@pytest.fixture
+def trained_run(fake_mnist_dir, tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    main(_fit_args(fake_mnist_dir))
+    return _versions(tmp_path)[-1]
+
+
+def test_fit_logs_everything_and_test_in_fresh_process_reproduces_it(trained_run, fake_mnist_dir, tmp_path) -> None:
+    ckpt_dir = trained_run / "checkpoints"
+    assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
+    run = read_run(trained_run)
+    tags = set(run.Tags()["scalars"])
+    assert {"train/loss_epoch", "val/loss", "val/acc", "val/f1", "test/acc", "test/f1"} <= tags
+    assert any(t.startswith("lr-") for t in tags), tags
+    assert "test/confusion_matrix" in run.Tags()["images"]
+    logged = scalars(trained_run)
+    assert logged["test/acc"][-1] > 0.5  # the fake digits are learnable: far above chance (0.1)
+
+    result = run_project(
+        ["test", f"--config={LENET}", f"--data.data_dir={fake_mnist_dir}", "--data.val_size=128",
+         f"--ckpt_path={ckpt_dir / 'best.ckpt'}", "--trainer.accelerator=cpu"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    fresh = _versions(tmp_path)[-1]
+    assert fresh != trained_run  # a new version folder, nothing overwritten
+    assert scalars(fresh)["test/acc"][-1] == pytest.approx(logged["test/acc"][-1], abs=1e-6)
+
+
+def test_overrides_change_the_run(fake_mnist_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(_fit_args(fake_mnist_dir, "--trainer.max_epochs=1", "--data.batch_size=32", "--test_after_fit=false"))
+    ckpt = torch.load(_versions(tmp_path)[-1] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 0
+    assert ckpt["global_step"] == (512 - 128 + 31) // 32  # one epoch of batch 32 over the 384 training images
+
+
+def test_optimizer_and_scheduler_from_the_command_line(fake_mnist_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(_fit_args(
+        fake_mnist_dir, "--trainer.max_epochs=1", "--test_after_fit=false",
+        "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.lr=0.05",
+        "--model.init_args.optimizer.momentum=0.9", "--model.init_args.optimizer.nesterov=true",
+        "--model.init_args.lr_scheduler=project.tasks.WarmupCosineLR",
+    ))
+    ckpt = torch.load(_versions(tmp_path)[-1] / "checkpoints" / "last.ckpt", weights_only=True)
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["nesterov"] is True and group["momentum"] == 0.9
+    assert group["lr"] == pytest.approx(0.0, abs=1e-6)  # the cosine schedule ran to its end in one epoch
+
+
+def test_print_config_round_trips(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={LENET}", "--trainer.max_epochs=3", "--data.batch_size=256", "--print_config"])
+    assert exit_info.value.code == 0
+    first = capsys.readouterr().out
+    assert "max_epochs: 3" in first and "batch_size: 256" in first
+    (tmp_path / "printed.yaml").write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config=printed.yaml", "--print_config"])
+    assert capsys.readouterr().out == first
+
+
+def test_several_configs_merge_in_order(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "more.yaml").write_text("trainer:\n  max_epochs: 7\ndata:\n  init_args:\n    batch_size: 16\n")
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={LENET}", "--config=more.yaml", "--print_config"])
+    out = capsys.readouterr().out
+    assert "max_epochs: 7" in out and "batch_size: 16" in out and "arch: lenet5" in out
+
+
+def test_help_documents_options_from_docstrings(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help=project.tasks.ImageClassifier"])
+    out = capsys.readouterr().out
+    assert "label_smoothing" in out and "Cross-entropy label smoothing" in out
+
+
+def test_resume_with_ckpt_path_last_continues_in_a_new_version(trained_run, fake_mnist_dir, tmp_path) -> None:
+    steps_before = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    main(_fit_args(fake_mnist_dir, "--trainer.max_epochs=3", "--ckpt_path=last", "--test_after_fit=false"))
+    resumed = _versions(tmp_path)[-1]
+    assert resumed != trained_run
+    after = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["epoch"] == 2 and after["global_step"] == steps_before * 3 // 2
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()  # the earlier run is left alone
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["fit", "--config=nope.yaml"], "nope.yaml"),
+        (["fit", f"--config={LENET}", "--trainer.max_epocs=3"], "max_epocs"),
+        (["fit", f"--config={LENET}", "--trainer.max_epochs=three"], "max_epochs"),
+        (["test", f"--config={LENET}", "--ckpt_path=missing.ckpt"], "missing.ckpt does not exist"),
+        (["fit", f"--config={LENET}", "--data.data_dir=empty", "--data.download=false"], "MNIST not found"),
+    ],
+    ids=["missing-config", "mistyped-key", "wrong-type", "missing-ckpt", "missing-data"],
+)
+def test_bad_input_gives_a_clear_error_and_nonzero_exit(args, message, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = run_project(args, cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "lightning_logs").exists() or not any((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+def test_checkpoint_of_other_num_classes_is_refused(trained_run, fake_mnist_dir, tmp_path) -> None:
+    result = run_project(
+        ["test", f"--config={LENET}", f"--data.data_dir={fake_mnist_dir}", "--data.classes=[0,1,2]",
+         f"--ckpt_path={trained_run / 'checkpoints' / 'best.ckpt'}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "net.head.weight" in result.stderr and "num_classes" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_carrying_code_is_refused(fake_mnist_dir, tmp_path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.ckpt"
+    with evil.open("wb") as f:
+        pickle.dump({"state_dict": {}, "payload": Payload()}, f)
+    result = run_project(["test", f"--config={LENET}", f"--data.data_dir={fake_mnist_dir}", f"--ckpt_path={evil}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "refused" in result.stderr
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_refused(trained_run, fake_mnist_dir, tmp_path) -> None:
+    data = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(data[: len(data) // 2])
+    result = run_project(["test", f"--config={LENET}", f"--data.data_dir={fake_mnist_dir}", f"--ckpt_path={broken}"], cwd=tmp_path)
+    assert result.returncode == 2 and "unreadable" in result.stderr
+
+
+def test_real_mnist_accuracy_rises_well_above_chance(real_mnist_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", f"--config={LENET}", f"--data.data_dir={real_mnist_dir}", "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=60", "--trainer.limit_val_batches=10", "--trainer.limit_test_batches=20",
+          "--trainer.enable_progress_bar=false"])
+    assert scalars(_versions(tmp_path)[-1])["test/acc"][-1] > 0.85

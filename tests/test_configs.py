@@ -1,0 +1,41 @@
+"""Every experiment config under configs/ runs ``fit`` with ``fast_dev_run`` (a new config is tested
+without editing this file). Trainer presets under configs/trainer/ are composed with a small experiment."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from project.cli import main
+from tests.conftest import REPO
+
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "trainer" not in p.relative_to(REPO / "configs").parts)
+# presets that need hardware this machine lacks, or several processes (tested in test_distributed.py)
+PRESETS = sorted(p for p in (REPO / "configs" / "trainer").glob("*.yaml") if p.stem in {"cpu"})
+
+
+def _data_overrides(config: Path, fake_data_dirs: dict[str, Path]) -> list[str]:
+    data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
+    cls = data.get("class_path", "").rsplit(".", 1)[-1]
+    return [f"--data.data_dir={fake_data_dirs[cls]}"] if cls in fake_data_dirs else []
+
+
+def _model_overrides(config: Path) -> list[str]:
+    init_args = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("init_args") or {}
+    # a config that starts from another run's weights is tested without them (test_finetune covers init_from)
+    return ["--model.init_from=null"] if init_args.get("init_from") else []
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_config_runs_fast_dev_run(config: Path, fake_data_dirs, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", f"--config={config}", "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
+          *_data_overrides(config, fake_data_dirs), *_model_overrides(config)])
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_trainer_preset_composes(preset: Path, fake_data_dirs, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "mnist_lenet.yaml"
+    main(["fit", f"--config={config}", f"--config={preset}", "--trainer.fast_dev_run=true",
+          *_data_overrides(config, fake_data_dirs)])
