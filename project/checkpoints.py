@@ -1,11 +1,13 @@
 """Finding and checking checkpoints before Lightning loads them."""
 
+import os
 import pickle
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from project.errors import UserError
@@ -66,3 +68,26 @@ def find_last_checkpoint(run_root: Path) -> Path:
             "pass a checkpoint's path instead"
         )
     return max(versions)[1]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside its target, then renames it into place.
+
+    A save interrupted by a crash or ``kill -9`` leaves the previous ``last.ckpt``/``best.ckpt`` intact
+    (plus, at worst, a ``*.tmp`` file), never a half-written checkpoint that a resume would trust.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

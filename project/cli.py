@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import LightningDataModule
+from lightning import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from project.checkpoints import check_checkpoint_fits, find_last_checkpoint
+from project.callbacks.guards import NonFiniteLossGuard
+from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError
 from project.reporting import log_hparams_with_metrics
 from project.tasks import ImageClassifier
@@ -82,6 +84,23 @@ class ProjectCLI(LightningCLI):
         if configs and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
             if logger.init_args.get("name") == "default":
                 logger.init_args.name = Path(str(configs[0])).stem
+        data_args = getattr(config.data, "init_args", None)
+        if data_args is not None and data_args.get("val_size", None) == 0 and str(config.checkpoint.monitor).startswith("val/"):
+            config.checkpoint.monitor = None  # no validation: keep the newest weights as best.ckpt
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(NonFiniteLossGuard())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here, before any of our hooks: check the file first.
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT:
+            load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
 
     # ---- subcommands -------------------------------------------------------------------------------
 
@@ -159,7 +178,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         ProjectCLI(args=args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # a UserError raised in a DataLoader worker arrives wrapped, with the worker's traceback before it
+        message = str(err).strip().splitlines()[-1].removeprefix("project.errors.UserError: ")
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

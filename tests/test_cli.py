@@ -9,6 +9,7 @@ import torch
 
 from project.cli import main
 from tests.conftest import REPO, run_project
+from tests.helpers import SimulatedCrash
 from tests.tb import read_run, scalars
 
 LENET = str(REPO / "configs" / "mnist_lenet.yaml")
@@ -16,8 +17,9 @@ LENET = str(REPO / "configs" / "mnist_lenet.yaml")
 
 def _fit_args(data_dir: Path, *extra: str) -> list[str]:
     return [
-        "fit", f"--config={LENET}", f"--data.data_dir={data_dir}", "--data.val_size=128", "--data.batch_size=64",
-        "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", *extra,
+        "fit", f"--config={LENET}", f"--data.data_dir={data_dir}", "--data.val_size=128", "--data.batch_size=32",
+        "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=2", "--data.rotate_degrees=0", "--data.translate=0", *extra,
     ]
 
 
@@ -105,14 +107,25 @@ def test_help_documents_options_from_docstrings(capsys) -> None:
     assert "label_smoothing" in out and "Cross-entropy label smoothing" in out
 
 
-def test_resume_with_ckpt_path_last_continues_in_a_new_version(trained_run, fake_mnist_dir, tmp_path) -> None:
-    steps_before = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    main(_fit_args(fake_mnist_dir, "--trainer.max_epochs=3", "--ckpt_path=last", "--test_after_fit=false"))
+def test_resume_with_ckpt_path_last_continues_exactly_in_a_new_version(fake_mnist_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(_fit_args(fake_mnist_dir, "--trainer.max_epochs=3", "--test_after_fit=false"))
+    uninterrupted = _versions(tmp_path)[-1]
+    with pytest.raises(SimulatedCrash):
+        main(_fit_args(fake_mnist_dir, "--trainer.max_epochs=3", "--test_after_fit=false",
+                       "--trainer.callbacks+=tests.helpers.CrashAtEpoch", "--trainer.callbacks.epoch=2"))
+    crashed = _versions(tmp_path)[-1]
+    assert torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+    main(_fit_args(fake_mnist_dir, "--trainer.max_epochs=3", "--test_after_fit=false", "--ckpt_path=last"))
     resumed = _versions(tmp_path)[-1]
-    assert resumed != trained_run
-    after = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
-    assert after["epoch"] == 2 and after["global_step"] == steps_before * 3 // 2
-    assert (trained_run / "checkpoints" / "last.ckpt").is_file()  # the earlier run is left alone
+    assert resumed not in (uninterrupted, crashed)  # a new version folder; earlier runs are left alone
+    assert (crashed / "checkpoints" / "last.ckpt").is_file()
+    expected = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)
+    got = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert got["epoch"] == expected["epoch"] == 2 and got["global_step"] == expected["global_step"]
+    for key, value in expected["state_dict"].items():  # same data order, same schedule: the same weights
+        torch.testing.assert_close(got["state_dict"][key], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

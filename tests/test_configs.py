@@ -17,7 +17,7 @@ PRESETS = sorted(p for p in (REPO / "configs" / "trainer").glob("*.yaml") if p.s
 def _data_overrides(config: Path, fake_data_dirs: dict[str, Path]) -> list[str]:
     data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
     cls = data.get("class_path", "").rsplit(".", 1)[-1]
-    return [f"--data.data_dir={fake_data_dirs[cls]}"] if cls in fake_data_dirs else []
+    return [f"--data.data_dir={fake_data_dirs[cls]}", "--data.val_size=32"] if cls in fake_data_dirs else []
 
 
 def _model_overrides(config: Path) -> list[str]:
