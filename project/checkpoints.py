@@ -33,12 +33,27 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is unreadable ({first}): it is truncated or not a checkpoint") from None
 
 
-def check_checkpoint_fits(path: str | Path, model: nn.Module) -> None:
-    """Raise a UserError if ``path`` is unreadable or its weights' shapes differ from ``model``'s."""
+def check_checkpoint_fits(path: str | Path, model: nn.Module, reshapes_channels: bool = False) -> None:
+    """Raise a UserError if ``path`` is unreadable or its weights' shapes differ from ``model``'s.
+
+    ``reshapes_channels``: a ChannelPruning callback in the run shrinks the network to a
+    channel-pruned checkpoint's shapes as it loads, so those shapes may differ.
+    """
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} has no 'state_dict': it is not a Lightning checkpoint of this project")
+    channel_pruned = any(
+        str(key).startswith("ChannelPruning") and isinstance(value, dict) and value.get("pruned")
+        for key, value in (checkpoint.get("callbacks") or {}).items()
+    )
+    if channel_pruned and reshapes_channels:
+        return
+    if channel_pruned:
+        raise UserError(
+            f"checkpoint {path} is channel-pruned (smaller layers): run with the ChannelPruning callback of the "
+            "config that trained it, which shrinks the network to its shapes"
+        )
     own = model.state_dict()
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"

@@ -26,7 +26,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from project.callbacks.checkpoint import BestAndLastCheckpoint
 from project.callbacks.guards import NonFiniteLossGuard
+from project.callbacks.structured_pruning import ChannelPruning
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError
 from project.reporting import log_hparams_with_metrics
@@ -59,7 +61,7 @@ class ProjectCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for attr in ("num_classes", "in_channels", "image_size"):
             parser.link_arguments(f"data.{attr}", f"model.init_args.{attr}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -112,7 +114,8 @@ class ProjectCLI(LightningCLI):
         if ckpt_path == "last" and subcommand == "fit":
             kwargs["ckpt_path"] = ckpt_path = str(self._find_last_checkpoint())
         if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT:
-            check_checkpoint_fits(ckpt_path, self.model)
+            reshapes = any(isinstance(cb, ChannelPruning) for cb in self.trainer.callbacks)
+            check_checkpoint_fits(ckpt_path, self.model, reshapes_channels=reshapes)
         return kwargs
 
     def _find_last_checkpoint(self) -> Path:
@@ -173,11 +176,25 @@ def _hp_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind ``exc``: jsonargparse wraps errors raised while it instantiates classes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m project``."""
     try:
         ProjectCLI(args=args)
-    except UserError as err:
+    except Exception as exc:
+        err = _user_error_in(exc)
+        if err is None:
+            raise
         # a UserError raised in a DataLoader worker arrives wrapped, with the worker's traceback before it
         message = str(err).strip().splitlines()[-1].removeprefix("project.errors.UserError: ")
         print(f"error: {message}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """Callbacks: one file per concern, each acting on ``pl_module.net`` at its hooks."""
 
+from project.callbacks.checkpoint import BestAndLastCheckpoint
 from project.callbacks.guards import NonFiniteLossGuard
+from project.callbacks.pruning import MagnitudePruning
+from project.callbacks.structured_pruning import ChannelPruning
 
-__all__ = ["NonFiniteLossGuard"]
+__all__ = ["BestAndLastCheckpoint", "ChannelPruning", "MagnitudePruning", "NonFiniteLossGuard"]
