@@ -14,10 +14,11 @@ A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
 """
 
 import csv
+import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning import LightningDataModule, Trainer
@@ -37,10 +38,38 @@ from project.tasks import ImageClassifier
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
 
 
+def summarize_parser_error(message: str) -> str:
+    """jsonargparse's nested multi-line message as one line: the full key and the innermost reason."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "invalid arguments"
+    keys, detail = [], lines[0]
+    for i, line in enumerate(lines):
+        match = re.match(r'(?:- )?(?:Problem with given class_path .*?:\s*)?Parser key "([^"]+)":?\s*(.*)', line)
+        if match:
+            keys.append(match.group(1))
+            rest = match.group(2) or next((n for n in lines[i + 1 :] if not n.startswith(("Does not validate", "Subtypes", "Errors"))), "")
+            detail = rest.removeprefix("- ")
+    if keys:
+        detail = f"{'.'.join(dict.fromkeys(keys))}: {detail}"
+    return f"{detail} (run with --help to see the options)"
+
+
+class _Parser(LightningArgumentParser):
+    """Reports bad arguments as one line through UserError instead of a page of usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse is trying alternatives internally: let it
+            super().error(message, ex)
+        sys.stderr.write(f"error: {summarize_parser_error(message)}\n")
+        raise SystemExit(2)
+
+
 class ProjectCLI(LightningCLI):
     """LightningCLI with this project's links, defaults and checks (see the module docstring)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", _Parser)
         kwargs.setdefault("model_class", ImageClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -187,8 +216,26 @@ def _user_error_in(exc: BaseException) -> UserError | None:
     return None
 
 
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _log_info_to_stdout() -> None:
+    """Lightning's progress and info lines go to stdout, so stderr carries only warnings and errors."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                logger.removeHandler(handler)
+                out = logging.StreamHandler(sys.stdout)
+                out.addFilter(_NoAdverts())
+                logger.addHandler(out)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m project``."""
+    _log_info_to_stdout()
     try:
         ProjectCLI(args=args)
     except Exception as exc:

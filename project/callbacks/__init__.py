@@ -1,8 +1,9 @@
 """Callbacks: one file per concern, each acting on ``pl_module.net`` at its hooks."""
 
 from project.callbacks.checkpoint import BestAndLastCheckpoint
+from project.callbacks.freezing import FreezeSchedule, Phase
 from project.callbacks.guards import NonFiniteLossGuard
 from project.callbacks.pruning import MagnitudePruning
 from project.callbacks.structured_pruning import ChannelPruning
 
-__all__ = ["BestAndLastCheckpoint", "ChannelPruning", "MagnitudePruning", "NonFiniteLossGuard"]
+__all__ = ["BestAndLastCheckpoint", "ChannelPruning", "FreezeSchedule", "MagnitudePruning", "NonFiniteLossGuard", "Phase"]

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from project.errors import UserError
 from project.models.cnn import SimpleCNN
 from project.models.lenet import LeNet5
 from project.models.mlp import MLP
@@ -40,7 +41,7 @@ class Classifier(nn.Module):
 def build_backbone(arch: str, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build the backbone registered as ``arch`` in :data:`ARCHITECTURES`."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
+        raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[arch](in_channels=in_channels, image_size=image_size, **kwargs)
 
 

@@ -12,7 +12,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
 
+from project.errors import UserError
 from project.models import build_network
+from project.tasks.init_weights import InitSummary, load_initial_weights
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -29,6 +31,28 @@ def _stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group LR values that optimizers and torch schedules keep
+
+
+def _apply_lr_factors(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Scale the LRs of groups that carry an ``lr_factor``, after the schedule has read the base LR.
+
+    Scaling after the scheduler is built makes every schedule (``LambdaLR``'s ``base_lrs``,
+    ``OneCycleLR``'s per-group ``max_lr``...) run at the factor, not only at its first step.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        factor = group.get("lr_factor", 1.0)
+        if factor == 1.0:
+            continue
+        for key in _LR_KEYS:
+            if key in group:
+                group[key] = group[key] * factor
+        for attr in ("base_lrs", "_last_lr"):
+            values = getattr(scheduler, attr, None)
+            if isinstance(values, list) and i < len(values):
+                values[i] = values[i] * factor
 
 
 class ImageClassifier(LightningModule):
@@ -48,6 +72,14 @@ class ImageClassifier(LightningModule):
         lr_scheduler: Optional LR schedule. Schedules with a ``total_steps`` argument left
             unset (``OneCycleLR``, ``project.tasks.WarmupCosineLR``) get the run's length
             and step every batch; others step every epoch.
+        init_from: Start from these weights (a new run; ``--ckpt_path`` resumes one instead): a
+            checkpoint of this project, a ``state_dict`` file, or a torchvision weights name such as
+            ``IMAGENET1K_V1`` (``resnet18`` only). The backbone must fit exactly; the head loads only
+            if ``num_classes`` matches, else it is re-initialised. Not saved in the hyperparameters.
+        reset_head: With ``init_from``, re-initialise the head even when ``num_classes`` matches
+            (a new task with as many classes, e.g. digits 5-9 after digits 0-4).
+        backbone_lr_factor: The backbone's LR as a factor of the optimizer's LR (discriminative LRs;
+            e.g. 0.1). 1.0 keeps one parameter group. Applies on top of any LR schedule.
     """
 
     def __init__(
@@ -60,12 +92,23 @@ class ImageClassifier(LightningModule):
         label_smoothing: float = 0.0,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
+        init_from: str | None = None,
+        reset_head: bool = False,
+        backbone_lr_factor: float = 1.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if not backbone_lr_factor > 0.0:
+            raise UserError(f"backbone_lr_factor must be > 0, got {backbone_lr_factor}; freeze the backbone with project.callbacks.FreezeSchedule instead")
+        # init_from is a one-off starting point: a checkpoint of this run rebuilds without it
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "init_from"])
         self.net: nn.Module = build_network(arch, num_classes, in_channels, image_size, **(arch_kwargs or {}))
+        # Loading here is safe when resuming: Lightning restores the checkpoint's weights after __init__.
+        self.init_summary: InitSummary | None = (
+            load_initial_weights(self.net, init_from, arch, load_head=not reset_head) if init_from else None
+        )
+        self.backbone_lr_factor = backbone_lr_factor
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.label_smoothing = label_smoothing
@@ -114,12 +157,28 @@ class ImageClassifier(LightningModule):
             log_confusion_matrix(self.trainer, confusion, tag="test/confusion_matrix")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: one group of every trainable parameter."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        """The optimizer's parameter groups, of trainable parameters only (frozen ones are left out).
+
+        One group, or with ``backbone_lr_factor != 1`` two: ``"head"`` (everything outside the backbone)
+        and ``"backbone"``, whose ``lr_factor`` key :meth:`configure_optimizers` applies to its LRs.
+        Empty groups are dropped.
+        """
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not trainable:
+            raise UserError("no trainable parameters: the freezing callback froze the whole model; leave the head (net.head) out of its frozen modules")
+        if self.backbone_lr_factor == 1.0:
+            return [{"params": trainable}]
+        backbone = {id(p) for p in self.net.backbone.parameters()}
+        groups = [
+            {"name": "head", "params": [p for p in trainable if id(p) not in backbone]},
+            {"name": "backbone", "params": [p for p in trainable if id(p) in backbone], "lr_factor": self.backbone_lr_factor},
+        ]
+        return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameter_groups())
         if self.lr_scheduler is None:
+            _apply_lr_factors(optimizer, None)
             return optimizer
         kwargs = {}
         target = getattr(self.lr_scheduler, "func", self.lr_scheduler)
@@ -128,6 +187,7 @@ class ImageClassifier(LightningModule):
         if steps_per_batch and getattr(self.lr_scheduler, "keywords", {}).get("total_steps") is None:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_scheduler(optimizer, **kwargs)
+        _apply_lr_factors(optimizer, scheduler)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step" if steps_per_batch else "epoch"},
