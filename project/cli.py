@@ -15,7 +15,9 @@ A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
 
 import csv
 import logging
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,6 +40,9 @@ from project.tasks import ImageClassifier
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
 
 
+_BOILERPLATE = ("Does not validate", "Subtypes", "Errors", "- Problem with given class_path", "Given value")
+
+
 def summarize_parser_error(message: str) -> str:
     """jsonargparse's nested multi-line message as one line: the full key and the innermost reason."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
@@ -48,7 +53,7 @@ def summarize_parser_error(message: str) -> str:
         match = re.match(r'(?:- )?(?:Problem with given class_path .*?:\s*)?Parser key "([^"]+)":?\s*(.*)', line)
         if match:
             keys.append(match.group(1))
-            rest = match.group(2) or next((n for n in lines[i + 1 :] if not n.startswith(("Does not validate", "Subtypes", "Errors"))), "")
+            rest = match.group(2) or next((n for n in lines[i + 1 :] if not n.startswith(_BOILERPLATE)), "")
             detail = rest.removeprefix("- ")
     if keys:
         detail = f"{'.'.join(dict.fromkeys(keys))}: {detail}"
@@ -110,6 +115,10 @@ class ProjectCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        for key in ("max_epochs", "min_epochs"):
+            value = config.trainer.get(key)
+            if value is not None and value < 0 and not (key == "max_epochs" and value == -1):
+                raise UserError(f"trainer.{key} must be >= 0 (max_epochs -1 means no limit), got {value}")
         logger = config.trainer.logger
         configs = config.get("config") or []
         if configs and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
@@ -135,8 +144,21 @@ class ProjectCLI(LightningCLI):
 
     # ---- subcommands -------------------------------------------------------------------------------
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        existed = log_dir is not None and log_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except UserError:
+            # a run rejected before its first step leaves no version folder behind
+            if log_dir is not None and not existed and self.trainer.global_step == 0 and log_dir.is_dir():
+                if not any(log_dir.rglob("*.ckpt")):
+                    shutil.rmtree(log_dir, ignore_errors=True)
+            raise
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        self._check_log_dir_writable()
         if "weights_only" in kwargs:
             kwargs["weights_only"] = True  # a downloaded checkpoint must not be able to run code
         ckpt_path = kwargs.get("ckpt_path")
@@ -146,6 +168,16 @@ class ProjectCLI(LightningCLI):
             reshapes = any(isinstance(cb, ChannelPruning) for cb in self.trainer.callbacks)
             check_checkpoint_fits(ckpt_path, self.model, reshapes_channels=reshapes)
         return kwargs
+
+    def _check_log_dir_writable(self) -> None:
+        logger = self.trainer.logger
+        root = Path(logger.root_dir) if logger is not None and logger.root_dir else Path(self.trainer.default_root_dir)
+        existing = next((p for p in (root, *root.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(
+                f"cannot write the run's logs under {root}: {existing} is not a writable folder;"
+                " pass a writable --trainer.logger.init_args.save_dir"
+            )
 
     def _find_last_checkpoint(self) -> Path:
         logger = self.trainer.logger

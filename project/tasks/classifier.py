@@ -80,6 +80,10 @@ class ImageClassifier(LightningModule):
             (a new task with as many classes, e.g. digits 5-9 after digits 0-4).
         backbone_lr_factor: The backbone's LR as a factor of the optimizer's LR (discriminative LRs;
             e.g. 0.1). 1.0 keeps one parameter group. Applies on top of any LR schedule.
+        channels_last: Keep weights and activations in channels-last memory format (faster convolutions
+            on GPUs with tensor cores, especially with ``bf16-mixed``).
+        compile: Compile the network with ``torch.compile`` (in place, so checkpoint keys do not change).
+            The first steps are slow while it compiles.
     """
 
     def __init__(
@@ -95,10 +99,12 @@ class ImageClassifier(LightningModule):
         init_from: str | None = None,
         reset_head: bool = False,
         backbone_lr_factor: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if not backbone_lr_factor > 0.0:
             raise UserError(f"backbone_lr_factor must be > 0, got {backbone_lr_factor}; freeze the backbone with project.callbacks.FreezeSchedule instead")
         # init_from is a one-off starting point: a checkpoint of this run rebuilds without it
@@ -117,8 +123,19 @@ class ImageClassifier(LightningModule):
         self.test_metrics = _stage_metrics(num_classes, "test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.example_input_array = torch.zeros(2, in_channels, image_size, image_size)
+        self.channels_last = channels_last
+        self.compile_net = compile
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def configure_model(self) -> None:
+        if self.compile_net and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -176,7 +193,10 @@ class ImageClassifier(LightningModule):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameter_groups())
+        try:
+            optimizer = self.optimizer(self.parameter_groups())
+        except ValueError as err:  # torch's own checks: negative lr, betas out of range, ...
+            raise UserError(f"the optimizer rejected its arguments ({err}): fix model.init_args.optimizer") from None
         if self.lr_scheduler is None:
             _apply_lr_factors(optimizer, None)
             return optimizer
