@@ -113,8 +113,13 @@ class ProjectCLI(LightningCLI):
             help="After fit, test the best checkpoint (the last weights if none was saved).",
         )
 
+    @property
+    def _active_config(self) -> Any:
+        """The parsed config of the running subcommand (the whole config with ``run=False``)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self._active_config
         for key in ("max_epochs", "min_epochs"):
             value = config.trainer.get(key)
             if value is not None and value < 0 and not (key == "max_epochs" and value == -1):
@@ -192,7 +197,7 @@ class ProjectCLI(LightningCLI):
         metrics: dict[str, float] = {}
         if isinstance(callback, ModelCheckpoint) and callback.best_model_score is not None:
             metrics[f"hp/best_{callback.monitor.replace('/', '_')}"] = float(callback.best_model_score)
-        if self.config[self.subcommand].get("test_after_fit", True):
+        if self._active_config.get("test_after_fit", True):
             best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
             results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(_hp_metrics(results))
@@ -217,7 +222,7 @@ class ProjectCLI(LightningCLI):
         print(f"wrote {len(preds)} predictions to {path}")
 
     def _log_hparams(self, metrics: dict[str, float]) -> None:
-        config = self.config[self.subcommand]
+        config = self._active_config
         params: dict[str, Any] = {"model": config.model.class_path, "data": config.data.class_path}
         for section in ("model", "data"):
             for key, value in vars(config[section].init_args).items():
@@ -267,6 +272,11 @@ def _log_info_to_stdout() -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m project``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compress"]:
+        from project.compress import main as compress_main
+
+        return compress_main(argv[1:])
     _log_info_to_stdout()
     try:
         ProjectCLI(args=args)

@@ -1,0 +1,234 @@
+"""``python -m project.compress``: from a trained checkpoint to a compression report in one command.
+
+    python -m project.compress --config configs/mnist_lenet.yaml \\
+        --ckpt lightning_logs/mnist_lenet/version_0/checkpoints/best.ckpt \\
+        --data.data_dir ../shared/data
+
+Builds the variants ``fp32`` (the checkpoint as is), ``unstructured``, ``structured``, ``int8`` and
+``pruned_int8``: each but fp32 starts from the checkpoint (``init_from``) and is fine-tuned for
+``--finetune-epochs`` with the callbacks of its variant config (``configs/compress/<variant>.yaml``,
+added after ``--config``). Each is saved as the file a user would ship, loaded back and measured
+the same way (:mod:`project.compression.report`). ``report.md``, ``report.json`` and the plots go to
+a new ``<out>/compress/version_N/`` folder, beside the artifacts (``artifacts/``) and the
+fine-tuning runs' logs (``finetune/<variant>/``).
+
+Arguments the command does not know (``--data.*``, ``--model.*``, ``--trainer.*``) are passed to every
+run, as to ``python -m project fit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from project.errors import UserError
+
+VARIANTS = ("fp32", "unstructured", "structured", "int8", "pruned_int8")
+DEFAULT_VARIANT_DIR = Path(__file__).resolve().parents[1] / "configs" / "compress"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m project compress",
+        description="Fine-tune pruned/int8 variants of a trained checkpoint and report accuracy, size and latency.",
+        epilog="Other --data.*/--model.*/--trainer.* arguments are passed to every run (e.g. --data.data_dir DIR).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="the model's config (e.g. configs/mnist_lenet.yaml)")
+    parser.add_argument("--ckpt", required=True, help="trained checkpoint of that config (the fp32 variant)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs of each variant")
+    parser.add_argument(
+        "--variant-dir", default=str(DEFAULT_VARIANT_DIR), help="folder with <variant>.yaml callback configs"
+    )
+    parser.add_argument("--out", default="lightning_logs", help="the report goes to OUT/NAME/version_N/")
+    parser.add_argument("--name", default="compress", help="see --out")
+    parser.add_argument("--batch-sizes", default="1,64", help="latency batch sizes, comma-separated")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (absorb compilation)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported")
+    parser.add_argument(
+        "--compile",
+        choices=("none", "all"),
+        default="all",
+        help="time each artifact eager (none) or through torch.compile with weight freezing (all: int8 runs"
+        " oneDNN int8 kernels; every variant compiled, so the comparison stays fair)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads while timing (default: torch's)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    args, extra = build_parser().parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") and not a.startswith(("--data.", "--model.", "--trainer.", "--seed"))]
+    if bad:
+        raise UserError(f"unknown argument {bad[0]}: see python -m project compress --help")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise UserError(f"unknown variant {unknown[0] if unknown else '(none)'}: choose from {','.join(VARIANTS)}")
+    args.variants = list(dict.fromkeys(variants))
+    if args.finetune_epochs < 1:
+        raise UserError(f"--finetune-epochs must be >= 1, got {args.finetune_epochs}")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
+    if args.warmup < 0 or args.repeats < 1:
+        raise UserError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+    if not Path(args.config).is_file():
+        raise UserError(f"config {args.config} does not exist: pass the config the checkpoint was trained with")
+    for v in args.variants:
+        if v != "fp32" and not (Path(args.variant_dir) / f"{v}.yaml").is_file():
+            raise UserError(f"variant config {Path(args.variant_dir) / f'{v}.yaml'} does not exist: check --variant-dir")
+    return args, extra
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _cli(args: list[str]) -> Any:
+    """``ProjectCLI(args, run=False)``: the trainer, model and datamodule of a config, not run."""
+
+    from project.cli import ProjectCLI
+
+    return ProjectCLI(args=args, run=False)
+
+
+def check_checkpoint(ckpt: str, cli: Any) -> None:
+    """The checkpoint must be a dense checkpoint of the config's architecture (one-line UserError otherwise)."""
+    from project.checkpoints import check_checkpoint_fits, load_checkpoint
+
+    hparams = load_checkpoint(ckpt).get("hyper_parameters") or {}
+    want = cli.model.hparams.get("arch")
+    got = hparams.get("arch")
+    if got is not None and want is not None and got != want:
+        raise UserError(f"checkpoint {ckpt} is of arch {got!r} but the config builds {want!r}: pass that arch's config")
+    check_checkpoint_fits(ckpt, cli.model)
+
+
+def load_test_split(datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole test split, normalized as the model sees it."""
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    images, labels = [], []
+    for batch in datamodule.test_dataloader():
+        images.append(datamodule.transform(batch[0], train=False))
+        labels.append(batch[1])
+    return torch.cat(images).cpu(), torch.cat(labels).cpu()
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Build, fine-tune, save and measure every variant; write the report. Returns ``report.json``'s content."""
+    from project.compression import report as R
+    from project.models import build_network
+
+    args, extra = parse_args(argv)
+    common = [f"--config={args.config}", *extra]
+    base = _cli([*common, "--trainer.logger=false"])  # never fits: gives the fp32 network and the test split
+    check_checkpoint(args.ckpt, base)
+    folder = R.next_version_dir(args.out, args.name)
+    _log(f"compress: report folder {folder}")
+    hp = base.model.hparams
+    input_shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
+
+    def build_dense() -> torch.nn.Module:
+        return build_network(hp["arch"], hp["num_classes"], hp["in_channels"], hp["image_size"], **(hp.get("arch_kwargs") or {}))
+
+    dense = build_dense()
+    _log("compress: loading the test split")
+    images, labels = load_test_split(base.datamodule)
+
+    artifacts: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
+    todo = args.variants
+    for i, variant in enumerate(todo, start=1):
+        start = time.perf_counter()
+        if variant == "fp32":
+            from project.tasks.init_weights import load_initial_weights
+
+            _log(f"[{i}/{len(todo)}] fp32: the checkpoint as is")
+            net = base.model.net
+            load_initial_weights(net, args.ckpt, hp["arch"])
+        else:
+            _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
+            cli = _cli(
+                [
+                    *common,
+                    f"--config={Path(args.variant_dir) / f'{variant}.yaml'}",
+                    f"--model.init_args.init_from={args.ckpt}",
+                    f"--trainer.max_epochs={args.finetune_epochs}",
+                    f"--trainer.logger.init_args.save_dir={folder / 'finetune'}",
+                    f"--trainer.logger.init_args.name={variant}",
+                ]
+            )
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            if cli.trainer.interrupted:
+                raise UserError(f"fine-tuning of {variant} was interrupted: no report written")
+            net = cli.model.net
+        net = net.cpu()
+        artifacts[variant] = R.save_artifact(net, dense, input_shape, folder / "artifacts", variant)
+        seconds[variant] = time.perf_counter() - start
+        _log(f"[{i}/{len(todo)}] {variant}: saved {artifacts[variant]} ({seconds[variant]:.0f} s)")
+
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for i, variant in enumerate(todo, start=1):
+            _log(f"[{i}/{len(todo)}] measuring {variant} from {artifacts[variant].name}")
+            model = R.load_artifact(artifacts[variant], build_dense)
+            results[variant] = R.measure(
+                model, artifacts[variant], images, labels, args.batch_sizes, args.warmup, args.repeats,
+                compile=args.compile == "all", log=_log,
+            )
+            results[variant]["build_s"] = round(seconds[variant], 1)
+    finally:
+        measured_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+
+    meta = {
+        "config": args.config,
+        "checkpoint": args.ckpt,
+        "extra_args": " ".join(extra),
+        "finetune_epochs": args.finetune_epochs,
+        "test_images": len(labels),
+        "latency": f"median of {args.repeats} calls after {args.warmup} warm-up, compile={args.compile}",
+        "cpu_threads": measured_threads,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+    }
+    paths = R.write_report(folder, results, meta)
+    _log("\n" + R.format_text_table(results) + "\n")
+    _log(f"compress: wrote {', '.join(str(p) for p in paths.values())}")
+    return {**meta, "folder": str(folder), "variants": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input ends with one ``error: ...`` line and exit status 2."""
+    from project.cli import _user_error_in
+
+    try:
+        run(argv)
+    except Exception as exc:
+        err = _user_error_in(exc)
+        if err is None:
+            raise
+        message = str(err).strip().splitlines()[-1].removeprefix("project.errors.UserError: ")
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The compress report command: every variant built, saved, reloaded, measured and reported; bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+from project.cli import main as cli_main
+from project.compress import main as compress_main
+from project.compress import run as compress_run
+from project.compression import report as R
+from project.tasks import ImageClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FAST = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--data.val_size=64", "--data.batch_size=32"]
+
+
+def _train(data_dir: Path, root: Path) -> Path:
+    """The fp32 checkpoint: LeNet-5, 3 epochs on the fake MNIST."""
+    cli_main(["fit", f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--data.data_dir={data_dir}", "--trainer.max_epochs=3",
+              f"--trainer.logger.init_args.save_dir={root}", "--test_after_fit=false", *FAST,
+              "--trainer.limit_train_batches=1.0"])
+    ckpts = sorted(root.glob("*/version_*/checkpoints/last.ckpt"))
+    assert ckpts, "the fp32 training run wrote no checkpoint"
+    return ckpts[-1]
+
+
+@pytest.fixture(scope="module")
+def lenet_ckpt(fake_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(fake_mnist_dir, tmp_path_factory.mktemp("fp32"))
+
+
+@pytest.fixture(scope="module")
+def report(fake_mnist_dir: Path, lenet_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("reports")
+    return compress_run([f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}", f"--out={out}",
+                         "--finetune-epochs=1", "--compile=none", "--warmup=1", "--repeats=3", "--batch-sizes=1,8",
+                         f"--data.data_dir={fake_mnist_dir}", *FAST])
+
+
+def test_report_end_to_end(report: dict) -> None:
+    folder = Path(report["folder"])
+    assert folder.name == "version_0" and folder.parent.name == "compress"
+    on_disk = json.loads((folder / "report.json").read_text())
+    variants = on_disk["variants"]
+    assert list(variants) == ["fp32", "unstructured", "structured", "int8", "pruned_int8"]
+    md = (folder / "report.md").read_text()
+    for name, r in variants.items():
+        assert f"| {name} |" in md
+        assert (folder / "artifacts" / r["artifact"]).is_file()
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert 0 < r["nonzero"] <= r["params"]
+        assert r["macs"] > 0 and r["file_bytes"] > 0 and r["gzip_bytes"] > 0
+        assert r["latency_ms_b1"] > 0 and r["latency_ms_b8"] > 0
+    fp32, uns, st, i8, pi8 = (variants[k] for k in ["fp32", "unstructured", "structured", "int8", "pruned_int8"])
+    assert on_disk["test_images"] == 128
+    # the checkpoint trained on the learnable fake data: fp32 is far above chance (10%)
+    assert fp32["accuracy"] > 0.5
+    # unstructured: same shapes, ~90% of conv/linear weights zero -> far fewer non-zeros, smaller gzip
+    assert uns["params"] == fp32["params"] and uns["nonzero"] < 0.2 * fp32["params"]
+    assert uns["gzip_bytes"] < 0.5 * fp32["gzip_bytes"]
+    # structured: really smaller and cheaper
+    assert st["params"] < 0.6 * fp32["params"] and st["macs"] < 0.6 * fp32["macs"]
+    # int8: same MACs, a smaller file; pruned+int8 smaller still
+    assert i8["macs"] == fp32["macs"] and i8["file_bytes"] < fp32["file_bytes"]
+    assert pi8["file_bytes"] < i8["file_bytes"] and pi8["params"] == st["params"]
+
+
+def test_plots_are_valid_png(report: dict) -> None:
+    folder = Path(report["folder"])
+    for name in ("accuracy_vs_size.png", "accuracy_vs_latency.png"):
+        path = folder / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image[..., :3].std() > 0  # something is drawn
+
+
+def test_artifacts_reload_in_fresh_process(report: dict) -> None:
+    """The shipped files load with torch alone (int8 after importing torchao) and predict like the report says."""
+    folder = Path(report["folder"])
+    script = (
+        "import sys, torch, torchao.quantization.pt2e\n"
+        "for p in sys.argv[1:]:\n"
+        "    m = torch.export.load(p).module()\n"
+        "    print(tuple(m(torch.randn(3, 1, 28, 28)).shape))\n"
+    )
+    paths = [str(folder / "artifacts" / r["artifact"]) for r in report["variants"].values()
+             if r["artifact"].endswith(".pt2")]
+    assert len(paths) == 3
+    out = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["(3,", "10)"] * 3
+
+
+def test_state_dict_artifact_keeps_pruned_zeros(report: dict) -> None:
+    folder = Path(report["folder"])
+    state = torch.load(folder / "artifacts" / "unstructured.pt", weights_only=True)
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() > 1]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    assert 0.85 < zeros / total < 0.95  # 90% global sparsity of conv/linear weights
+
+
+def test_new_version_folder_every_time(tmp_path: Path) -> None:
+    assert R.next_version_dir(tmp_path, "compress").name == "version_0"
+    assert R.next_version_dir(tmp_path, "compress").name == "version_1"
+
+
+def _error_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        compress_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_missing_checkpoint_is_one_line(capsys, tmp_path: Path, fake_mnist_dir: Path) -> None:
+    line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={tmp_path / 'nope.ckpt'}",
+                                f"--out={tmp_path}", f"--data.data_dir={fake_mnist_dir}"])
+    assert "does not exist" in line
+
+
+def test_checkpoint_of_another_arch_is_one_line(capsys, tmp_path: Path, fake_mnist_dir: Path) -> None:
+    # a Lightning-style checkpoint of the mlp architecture, as a fit of configs/mnist_mlp.yaml writes it
+    mlp = ImageClassifier(num_classes=10, arch="mlp")
+    mlp_ckpt = tmp_path / "mlp.ckpt"
+    torch.save({"state_dict": mlp.state_dict(), "hyper_parameters": dict(mlp.hparams)}, mlp_ckpt)
+    line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={mlp_ckpt}",
+                                f"--out={tmp_path}", f"--data.data_dir={fake_mnist_dir}"])
+    assert "'mlp'" in line and "'lenet5'" in line
+
+
+def test_bad_variant_is_one_line(capsys, tmp_path: Path, lenet_ckpt: Path) -> None:
+    line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}",
+                                "--variants=fp32,fp16"])
+    assert "fp16" in line
