@@ -33,11 +33,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is unreadable ({first}): it is truncated or not a checkpoint") from None
 
 
-def check_checkpoint_fits(path: str | Path, model: nn.Module, reshapes_channels: bool = False) -> None:
+def check_checkpoint_fits(
+    path: str | Path, model: nn.Module, reshapes_channels: bool = False, prepares_qat: bool = False
+) -> None:
     """Raise a UserError if ``path`` is unreadable or its weights' shapes differ from ``model``'s.
 
     ``reshapes_channels``: a ChannelPruning callback in the run shrinks the network to a
     channel-pruned checkpoint's shapes as it loads, so those shapes may differ.
+    ``prepares_qat``: a QuantizationAwareTraining callback in the run prepares the network (adds its
+    fake-quant state) before the weights load.
     """
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
@@ -65,6 +69,12 @@ def check_checkpoint_fits(path: str | Path, model: nn.Module, reshapes_channels:
         if any(k.startswith("net.head.") for k in (m.split()[0] for m in mismatched)):
             hint = " (the head differs: the checkpoint was trained for another num_classes; use --model.init_from to fine-tune it instead)"
         raise UserError(f"checkpoint {path} does not fit the model: {'; '.join(mismatched[:3])}{hint}")
+    qat_keys = any("activation_post_process" in k for k in state)
+    if qat_keys and not prepares_qat and not any("activation_post_process" in k for k in own):
+        raise UserError(
+            f"checkpoint {path} was taken during quantization-aware training: add the "
+            "project.callbacks.QuantizationAwareTraining callback (see configs/qat/) to resume or test it"
+        )
     common = set(state) & set(own)
     if own and not common:
         raise UserError(f"checkpoint {path} shares no weights with the model: it is of another architecture")

@@ -31,6 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from project.callbacks.checkpoint import BestAndLastCheckpoint
 from project.callbacks.guards import NonFiniteLossGuard
+from project.callbacks.qat import QuantizationAwareTraining
 from project.callbacks.structured_pruning import ChannelPruning
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError
@@ -143,6 +144,10 @@ class ProjectCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, before any of our hooks: check the file first.
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path is not None and str(ckpt_path).endswith(".pt2"):
+            if self.config.subcommand != "predict":
+                raise UserError(f"{ckpt_path} is an exported int8 program: only `predict` runs it; pass a .ckpt for {self.config.subcommand}")
+            return
         if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT:
             load_checkpoint(ckpt_path)
         super()._parse_ckpt_path()
@@ -169,9 +174,14 @@ class ProjectCLI(LightningCLI):
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path == "last" and subcommand == "fit":
             kwargs["ckpt_path"] = ckpt_path = str(self._find_last_checkpoint())
-        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT:
-            reshapes = any(isinstance(cb, ChannelPruning) for cb in self.trainer.callbacks)
-            check_checkpoint_fits(ckpt_path, self.model, reshapes_channels=reshapes)
+        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT and not str(ckpt_path).endswith(".pt2"):
+            callbacks = self.trainer.callbacks
+            check_checkpoint_fits(
+                ckpt_path,
+                self.model,
+                reshapes_channels=any(isinstance(cb, ChannelPruning) for cb in callbacks),
+                prepares_qat=any(isinstance(cb, QuantizationAwareTraining) for cb in callbacks),
+            )
         return kwargs
 
     def _check_log_dir_writable(self) -> None:
@@ -207,8 +217,15 @@ class ProjectCLI(LightningCLI):
         self._log_hparams(_hp_metrics([dict(self.trainer.callback_metrics)]))
 
     def predict(self, **kwargs: Any) -> None:
-        """Predict on the DataModule's predict split and write ``predictions.csv`` into the run's folder."""
-        outputs = self.trainer.predict(**kwargs) or []
+        """Predict on the DataModule's predict split and write ``predictions.csv`` into the run's folder.
+
+        ``--ckpt_path`` may also be an int8 program exported by QAT (``model_int8.pt2``).
+        """
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path is not None and str(ckpt_path).endswith(".pt2"):
+            outputs = [self._predict_with_program(Path(ckpt_path))]
+        else:
+            outputs = self.trainer.predict(**kwargs) or []
         if not self.trainer.is_global_zero or not outputs:
             return
         preds = torch.cat([o["pred"] for o in outputs]).tolist()
@@ -220,6 +237,17 @@ class ProjectCLI(LightningCLI):
             writer.writerow(["index", "pred", "prob"])
             writer.writerows((i, p, f"{q:.4f}") for i, (p, q) in enumerate(zip(preds, probs)))
         print(f"wrote {len(preds)} predictions to {path}")
+
+    def _predict_with_program(self, path: Path) -> dict[str, torch.Tensor]:
+        from project.compression.quantization import predict_with_artifact
+
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: QAT runs write lightning_logs/<name>/version_N/model_int8.pt2")
+        dm = self.datamodule
+        dm.prepare_data()
+        dm.setup("predict")
+        batches = (dm.transform(batch[0], train=False) for batch in dm.predict_dataloader())
+        return predict_with_artifact(path, batches, compile=False)
 
     def _log_hparams(self, metrics: dict[str, float]) -> None:
         config = self._active_config

@@ -189,3 +189,29 @@ def test_real_mnist_accuracy_rises_well_above_chance(real_mnist_dir, tmp_path, m
           "--trainer.limit_train_batches=60", "--trainer.limit_val_batches=10", "--trainer.limit_test_batches=20",
           "--trainer.enable_progress_bar=false"])
     assert scalars(_versions(tmp_path)[-1])["test/acc"][-1] > 0.85
+
+
+def test_predict_runs_on_the_exported_int8_program(fake_mnist_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    qat = str(REPO / "configs" / "qat" / "mnist_lenet_int8.yaml")
+    common = [f"--config={qat}", f"--data.data_dir={fake_mnist_dir}", "--data.val_size=64"]
+    main(["fit", *common, "--trainer.max_epochs=3", "--trainer.callbacks.start_epoch=1",
+          "--trainer.callbacks.freeze_observers_epoch=null", "--trainer.callbacks.freeze_bn_epoch=null",
+          "--trainer.enable_progress_bar=false", "--data.rotate_degrees=0", "--data.translate=0",
+          "--test_after_fit=false"])
+    run = sorted((tmp_path / "lightning_logs" / "mnist_lenet_int8").glob("version_*"))[-1]
+    main(["test", *common, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # the weights that were exported
+    tested = sorted((tmp_path / "lightning_logs" / "mnist_lenet_int8").glob("version_*"))[-1]
+    main(["predict", *common, f"--ckpt_path={run / 'model_int8.pt2'}"])
+    out = sorted((tmp_path / "lightning_logs" / "mnist_lenet_int8").glob("version_*"))[-1] / "predictions.csv"
+    rows = out.read_text().splitlines()
+    assert rows[0] == "index,pred,prob" and len(rows) == 1 + 128
+    preds = [int(r.split(",")[1]) for r in rows[1:]]
+    accuracy = sum(p == y for p, y in zip(preds, _fake_test_labels(fake_mnist_dir))) / len(preds)
+    assert accuracy == pytest.approx(scalars(tested)["test/acc_int8"][-1], abs=1e-6)
+
+
+def _fake_test_labels(data_dir: Path) -> list[int]:
+    from project.data.idx import read_idx
+
+    return read_idx(data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").tolist()

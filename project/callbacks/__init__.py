@@ -4,6 +4,7 @@ from project.callbacks.checkpoint import BestAndLastCheckpoint
 from project.callbacks.freezing import FreezeSchedule, Phase
 from project.callbacks.guards import NonFiniteLossGuard
 from project.callbacks.pruning import MagnitudePruning
+from project.callbacks.qat import QuantizationAwareTraining
 from project.callbacks.structured_pruning import ChannelPruning
 
-__all__ = ["BestAndLastCheckpoint", "ChannelPruning", "FreezeSchedule", "MagnitudePruning", "NonFiniteLossGuard", "Phase"]
+__all__ = ["BestAndLastCheckpoint", "ChannelPruning", "FreezeSchedule", "MagnitudePruning", "NonFiniteLossGuard", "Phase", "QuantizationAwareTraining"]

@@ -1,5 +1,6 @@
 """Lightning's ModelCheckpoint, with ``last.ckpt`` written after every validation."""
 
+import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -21,3 +22,21 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             and self._last_global_step_saved != trainer.global_step
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def restart_best_checkpoint_tracking(trainer: Trainer) -> None:
+    """Forget the "best" checkpoints seen so far, so only models of the final shape/sparsity compete.
+
+    Without this a dense model from before pruning, with its higher validation accuracy, would
+    stay the best checkpoint and be the one tested after fit.
+    """
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
+            for path in cb.best_k_models:  # their files would otherwise linger, e.g. as best.ckpt beside best-v1.ckpt
+                if path != cb.last_model_path:
+                    trainer.strategy.remove_checkpoint(path)
+            cb.best_k_models = {}
+            cb.kth_best_model_path = ""
+            cb.best_model_score = None
+            cb.best_model_path = ""
+            cb.kth_value = torch.tensor(torch.inf if cb.mode == "min" else -torch.inf)

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from project.callbacks.checkpoint import restart_best_checkpoint_tracking
 from project.compression.measure import format_stats_table, model_stats
 from project.compression.sparsity import (
     apply_masks,
@@ -72,24 +72,6 @@ def check_not_quantized(pl_module: LightningModule, who: str) -> None:
 def print_table(title: str, before: dict[str, float] | None, after: dict[str, float]) -> None:
     rows = {"before": before, "after": after} if before else {"after": after}
     print(f"\n{title}\n{format_stats_table(rows)}\n", flush=True)
-
-
-def restart_best_checkpoint_tracking(trainer: Trainer) -> None:
-    """Forget the "best" checkpoints seen so far, so only models of the final shape/sparsity compete.
-
-    Without this a dense model from before pruning, with its higher validation accuracy, would
-    stay the best checkpoint and be the one tested after fit.
-    """
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.monitor is not None:
-            for path in cb.best_k_models:  # their files would otherwise linger, e.g. as best.ckpt beside best-v1.ckpt
-                if path != cb.last_model_path:
-                    trainer.strategy.remove_checkpoint(path)
-            cb.best_k_models = {}
-            cb.kth_best_model_path = ""
-            cb.best_model_score = None
-            cb.best_model_path = ""
-            cb.kth_value = torch.tensor(torch.inf if cb.mode == "min" else -torch.inf)
 
 
 class MagnitudePruning(Callback):

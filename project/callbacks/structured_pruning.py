@@ -22,9 +22,9 @@ from project.callbacks.pruning import (
     network_of,
     network_prefix,
     print_table,
-    restart_best_checkpoint_tracking,
     stats,
 )
+from project.callbacks.checkpoint import restart_best_checkpoint_tracking
 from project.compression.sparsity import check_sparsity, select_modules
 from project.compression.structured import (
     Plan,

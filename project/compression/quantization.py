@@ -375,7 +375,9 @@ class CompiledInt8(nn.Module):
         except ImportError:
             pass
         self.module = module
-        self.compiled = torch.compile(module)
+        # static shapes: one graph per batch size (a dynamic-batch recompile trips a stride check in the
+        # int8 conv lowering of torch 2.14 + torchao 0.18)
+        self.compiled = torch.compile(module, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config

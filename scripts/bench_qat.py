@@ -1,0 +1,192 @@
+"""fp32 vs int8 (QAT) side by side on this CPU: LeNet-5 on full MNIST, the BatchNorm CNN on CIFAR-10.
+
+For each model two fits with the same seed and the same number of epochs: a float one, and one whose
+last ``--qat-epochs`` are quantization-aware (``QuantizationAwareTraining``; the epochs before are
+identical float training). Then, on the test split:
+
+- accuracy of the float model and of the int8 model (the exported ``.pt2``, compiled);
+- on-disk size of both as lean ``torch.export`` ``.pt2`` files (same format, same stripping);
+- throughput at batch 64 and latency at batch 1: fp32 eager, fp32 ``torch.compile``, int8 compiled.
+
+Usage: python scripts/bench_qat.py [--data-dir ../shared/data] [--mnist-epochs 3] [--cifar-epochs 4]
+       [--limit-train F] [--cifar-limit-train F] [--only mnist_lenet|cifar10_cnn]
+Prints a table per model, then one JSON line keyed by model.
+"""
+
+import argparse
+import json
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lightning import Trainer, seed_everything  # noqa: E402
+
+from project.callbacks.qat import QuantizationAwareTraining  # noqa: E402
+from project.compression import quantization as Q  # noqa: E402
+from project.compression.measure import file_size_bytes, measure_latency_ms  # noqa: E402
+from project.data import ImageFolderDataModule, MNISTDataModule  # noqa: E402
+from project.tasks import ImageClassifier  # noqa: E402
+
+
+def _trainer(epochs: int, callbacks: list, root: Path, limit_train: float) -> Trainer:
+    return Trainer(
+        max_epochs=epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_train_batches=limit_train, default_root_dir=root,
+    )
+
+
+def _weight_bytes(pt2: Path) -> int:
+    """Bytes of the tensors inside a .pt2 archive (its graph and configs excluded)."""
+    with zipfile.ZipFile(pt2) as archive:
+        return sum(i.file_size for i in archive.infolist() if "/data/weights/weight_" in i.filename)
+
+
+def _test_batches(dm) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    dm.setup("test")
+    return [(dm.transform(b[0], train=False), b[1]) for b in dm.test_dataloader()]
+
+
+@torch.inference_mode()
+def _accuracy(fn, batches) -> float:
+    correct = total = 0
+    for x, y in batches:
+        correct += int((fn(x).argmax(-1) == y).sum())
+        total += y.numel()
+    return 100.0 * correct / total
+
+
+def bench_model(name: str, make_model, make_data, epochs: int, qat_epochs: int, root: Path,
+                limit_train: float, qat_kwargs: dict) -> dict:
+    print(f"\n== {name}: {epochs} epochs, the last {qat_epochs} quantization-aware in the int8 run", flush=True)
+    t0 = time.time()
+    seed_everything(0)
+    dm = make_data()
+    fp32 = make_model(dm)
+    _trainer(epochs, [], root / f"{name}_fp32", limit_train).fit(fp32, datamodule=dm)
+    t_fp32 = time.time() - t0
+
+    seed_everything(0)
+    dm = make_data()
+    qmodel = make_model(dm)
+    qat = QuantizationAwareTraining(start_epoch=epochs - qat_epochs, **qat_kwargs)
+    trainer = _trainer(epochs, [qat], root / f"{name}_qat", limit_train)
+    trainer.fit(qmodel, datamodule=dm)
+    t_qat = time.time() - t0 - t_fp32
+    int8_path = qat.export_path
+    assert int8_path is not None
+
+    shape = (dm.in_channels, dm.image_size, dm.image_size)
+    fp32_net = fp32.net.eval()
+    fp32_path = Q.save_program(fp32_net, shape, root / f"{name}_fp32.pt2")
+    batches = _test_batches(dm)
+    int8_eager = Q.load_int8(int8_path)
+    int8 = Q.load_int8(int8_path, compile=True)
+    fp32_compiled = torch.compile(fp32_net)
+
+    fp32_acc = _accuracy(fp32_net, batches)
+    int8_eager_acc = _accuracy(int8_eager, batches)
+    int8_acc = _accuracy(int8, batches)  # the artifact as deployed: compiled int8 kernels
+    qat_fakequant_acc = _accuracy(qmodel.net.eval(), batches)
+
+    x64, x1 = torch.randn(64, *shape), torch.randn(1, *shape)
+    lat = {}
+    for label, fn in (("fp32_eager", fp32_net), ("fp32_compiled", fp32_compiled), ("int8_compiled", int8)):
+        lat[f"{label}_b64_ms"] = measure_latency_ms(lambda: fn(x64), warmup=5, repeats=30)
+        lat[f"{label}_b1_ms"] = measure_latency_ms(lambda: fn(x1), warmup=10, repeats=100)
+    size_fp32, size_int8 = file_size_bytes(fp32_path), file_size_bytes(int8_path)
+    result = {
+        "fp32_acc": round(fp32_acc, 2),
+        "int8_acc": round(int8_acc, 2),
+        "int8_eager_acc": round(int8_eager_acc, 2),
+        "qat_fakequant_acc": round(qat_fakequant_acc, 2),
+        "acc_drop": round(fp32_acc - int8_acc, 2),
+        "fp32_pt2_bytes": size_fp32,
+        "int8_pt2_bytes": size_int8,
+        "size_ratio": round(size_fp32 / size_int8, 2),
+        "weights_size_ratio": round(_weight_bytes(fp32_path) / _weight_bytes(int8_path), 2),
+        "speedup_b64": round(lat["fp32_eager_b64_ms"] / lat["int8_compiled_b64_ms"], 2),
+        "speedup_b64_vs_compiled_fp32": round(lat["fp32_compiled_b64_ms"] / lat["int8_compiled_b64_ms"], 2),
+        "speedup_b1": round(lat["fp32_eager_b1_ms"] / lat["int8_compiled_b1_ms"], 3),
+        "speedup_b1_vs_compiled_fp32": round(lat["fp32_compiled_b1_ms"] / lat["int8_compiled_b1_ms"], 3),
+        **{k: round(v, 3) for k, v in lat.items()},
+        "throughput_b64_img_s": {k[:-7]: round(64000 / v, 1) for k, v in lat.items() if k.endswith("_b64_ms")},
+        "train_s_fp32": round(t_fp32, 1),
+        "train_s_qat": round(t_qat, 1),
+    }
+    print(f"accuracy %      fp32 {fp32_acc:.2f} | int8 compiled {int8_acc:.2f} | int8 eager {int8_eager_acc:.2f}"
+          f" | fake-quant {qat_fakequant_acc:.2f}")
+    print(f"size (.pt2)     fp32 {size_fp32} B | int8 {size_int8} B | ratio {result['size_ratio']}x"
+          f" (tensors alone: {result['weights_size_ratio']}x; the rest is the serialized graph)")
+    for b in ("b64", "b1"):
+        print(f"latency {b} ms  fp32 eager {lat[f'fp32_eager_{b}_ms']:.3f} | fp32 compiled "
+              f"{lat[f'fp32_compiled_{b}_ms']:.3f} | int8 compiled {lat[f'int8_compiled_{b}_ms']:.3f}")
+    print(f"speedup int8 vs fp32 eager: b64 {result['speedup_b64']}x, b1 {result['speedup_b1']}x; "
+          f"vs fp32 compiled: b64 {result['speedup_b64_vs_compiled_fp32']}x, b1 {result['speedup_b1_vs_compiled_fp32']}x")
+    print(f"train time s    fp32 {t_fp32:.0f} | qat {t_qat:.0f}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(REPO / ".." / "shared" / "data"))
+    parser.add_argument("--mnist-epochs", type=int, default=3)
+    parser.add_argument("--cifar-epochs", type=int, default=4)
+    parser.add_argument("--qat-epochs", type=int, default=1, help="trailing QAT epochs of the int8 runs")
+    parser.add_argument("--limit-train", type=float, default=1.0, help="fraction of MNIST train batches per epoch")
+    parser.add_argument("--cifar-limit-train", type=float, default=1.0, help="fraction of CIFAR train batches per epoch")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--only", choices=["mnist_lenet", "cifar10_cnn"], default=None)
+    args = parser.parse_args()
+    data_dir = Path(args.data_dir).resolve()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if args.only in (None, "mnist_lenet"):
+            if not (data_dir / "MNIST" / "raw").is_dir():
+                raise SystemExit(f"MNIST not found under {data_dir}/MNIST/raw")
+            results["mnist_lenet"] = bench_model(
+                "mnist_lenet",
+                lambda dm: ImageClassifier(dm.num_classes, dm.in_channels, dm.image_size, arch="lenet5",
+                                           optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=5e-4)),
+                lambda: MNISTDataModule(data_dir=str(data_dir), download=False, batch_size=128),
+                args.mnist_epochs, args.qat_epochs, root, args.limit_train, {},
+            )
+        if args.only in (None, "cifar10_cnn"):
+            archive = data_dir / "cifar10-jpg.tar.gz"
+            if not archive.is_file():
+                raise SystemExit(f"CIFAR-10 not found: {archive}")
+            t = time.time()
+            with tarfile.open(archive) as tar:
+                tar.extractall(root / "cifar10", filter="data")
+            folder = next(p.parent for p in (root / "cifar10").rglob("train") if (p.parent / "test").is_dir())
+            print(f"\nextracted CIFAR-10 in {time.time() - t:.0f} s", flush=True)
+            results["cifar10_cnn"] = bench_model(
+                "cifar10_cnn",
+                lambda dm: ImageClassifier(
+                    dm.num_classes, dm.in_channels, dm.image_size, arch="cnn",
+                    arch_kwargs={"channels": [32, 64], "hidden": 256, "batch_norm": True},
+                    optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=5e-4),
+                ),
+                lambda: ImageFolderDataModule(str(folder), image_size=32, channels=3, in_memory=True,
+                                              num_workers=2, batch_size=128, val_size=2000,
+                                              crop_padding=4, horizontal_flip=True),
+                args.cifar_epochs, args.qat_epochs, root, args.cifar_limit_train,
+                {"freeze_bn_epoch": args.cifar_epochs - 1},
+            )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
