@@ -33,6 +33,7 @@ from project.callbacks.checkpoint import BestAndLastCheckpoint
 from project.callbacks.guards import NonFiniteLossGuard
 from project.callbacks.qat import QuantizationAwareTraining
 from project.callbacks.structured_pruning import ChannelPruning
+from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError
 from project.reporting import log_hparams_with_metrics
@@ -107,6 +108,7 @@ class ProjectCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(TensorBoardViews, "views")
         parser.add_argument(
             "--test_after_fit",
             type=bool,

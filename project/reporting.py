@@ -8,7 +8,7 @@ from lightning import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 
-def _tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
+def tensorboard_logger(trainer: Trainer) -> TensorBoardLogger | None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger
@@ -42,7 +42,7 @@ def confusion_matrix_figure(confusion: torch.Tensor, class_names: list[str] | No
 
 def log_confusion_matrix(trainer: Trainer, confusion: torch.Tensor, tag: str) -> None:
     """Log ``confusion`` as an image to the run's TensorBoard (no-op without a TensorBoard logger)."""
-    tb = _tensorboard(trainer)
+    tb = tensorboard_logger(trainer)
     if tb is None:
         return
     class_names = getattr(trainer.datamodule, "class_names", None) if trainer.datamodule is not None else None
@@ -51,7 +51,7 @@ def log_confusion_matrix(trainer: Trainer, confusion: torch.Tensor, tag: str) ->
 
 def log_hparams_with_metrics(trainer: Trainer, params: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
     """Write the hparams table entry of this run, with its final metrics, to TensorBoard."""
-    tb = _tensorboard(trainer)
+    tb = tensorboard_logger(trainer)
     if tb is None or not trainer.is_global_zero:
         return
     flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}

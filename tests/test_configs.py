@@ -8,8 +8,13 @@ import yaml
 
 from project.cli import main
 from tests.conftest import REPO
+from tests.test_distill import teacher_overrides
 
-CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "trainer" not in p.relative_to(REPO / "configs").parts)
+FRAGMENTS = ("trainer", "compress")  # partial configs, composed with an experiment below
+CONFIGS = sorted(
+    p for p in (REPO / "configs").rglob("*.yaml") if not set(FRAGMENTS) & set(p.relative_to(REPO / "configs").parts)
+)
+COMPRESS = sorted((REPO / "configs" / "compress").glob("*.yaml"))
 # presets that need hardware this machine lacks, or several processes (tested in test_distributed.py)
 PRESETS = sorted(p for p in (REPO / "configs" / "trainer").glob("*.yaml") if p.stem in {"cpu"})
 
@@ -30,7 +35,7 @@ def _model_overrides(config: Path) -> list[str]:
 def test_config_runs_fast_dev_run(config: Path, fake_data_dirs, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     main(["fit", f"--config={config}", "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
-          *_data_overrides(config, fake_data_dirs), *_model_overrides(config)])
+          *_data_overrides(config, fake_data_dirs), *_model_overrides(config), *teacher_overrides(config, tmp_path)])
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -38,4 +43,12 @@ def test_trainer_preset_composes(preset: Path, fake_data_dirs, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     config = REPO / "configs" / "mnist_lenet.yaml"
     main(["fit", f"--config={config}", f"--config={preset}", "--trainer.fast_dev_run=true",
+          *_data_overrides(config, fake_data_dirs)])
+
+
+@pytest.mark.parametrize("fragment", COMPRESS, ids=lambda p: p.name)
+def test_compress_variant_composes(fragment: Path, fake_data_dirs, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "mnist_lenet.yaml"
+    main(["fit", f"--config={config}", f"--config={fragment}", "--trainer.fast_dev_run=true",
           *_data_overrides(config, fake_data_dirs)])

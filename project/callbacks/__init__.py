@@ -6,5 +6,6 @@ from project.callbacks.guards import NonFiniteLossGuard
 from project.callbacks.pruning import MagnitudePruning
 from project.callbacks.qat import QuantizationAwareTraining
 from project.callbacks.structured_pruning import ChannelPruning
+from project.callbacks.visuals import TensorBoardViews
 
-__all__ = ["BestAndLastCheckpoint", "ChannelPruning", "FreezeSchedule", "MagnitudePruning", "NonFiniteLossGuard", "Phase", "QuantizationAwareTraining"]
+__all__ = ["BestAndLastCheckpoint", "ChannelPruning", "FreezeSchedule", "MagnitudePruning", "NonFiniteLossGuard", "Phase", "QuantizationAwareTraining", "TensorBoardViews"]

@@ -159,6 +159,11 @@ class MagnitudePruning(Callback):
         if not self._targets:  # chosen once: parameter names stay valid when QAT swaps in a GraphModule
             check_not_quantized(pl_module, type(self).__name__)
             modules = select_modules(pl_module, self.module_types, self.include, self.exclude)
+            # only the task's network: a distillation teacher (pl_module.teacher) must stay dense
+            prefix = network_prefix(pl_module)
+            modules = {n: m for n, m in modules.items() if n.startswith(prefix)}
+            if not modules:
+                raise UserError(f"no selected layer is inside the network ({prefix.rstrip('.')!r}): check include/exclude")
             self._targets = select_parameters(modules, self.parameter_names)
         if stage != "fit":
             return

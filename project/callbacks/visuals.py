@@ -17,7 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
-from project.reporting import _tensorboard
+from project.reporting import tensorboard_logger
 
 
 def layer_weights(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,7 +115,7 @@ class TensorBoardViews(Callback):
         return net if isinstance(net, nn.Module) else pl_module
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        tb = _tensorboard(trainer)
+        tb = tensorboard_logger(trainer)
         if tb is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         weights = layer_weights(self._network(pl_module))
@@ -141,7 +141,7 @@ class TensorBoardViews(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         have = sum(len(w[0]) for w in self._wrong)
-        if have >= self.max_misclassified or _tensorboard(trainer) is None:
+        if have >= self.max_misclassified or tensorboard_logger(trainer) is None:
             return
         images, targets = batch[0], batch[1]
         if targets.dim() != 1:  # soft labels: no single true class to show
@@ -153,7 +153,7 @@ class TensorBoardViews(Callback):
             self._wrong.append((images[wrong].cpu(), preds[wrong].cpu(), targets[wrong].cpu()))
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        tb = _tensorboard(trainer)
+        tb = tensorboard_logger(trainer)
         wrong, self._wrong = self._wrong, []
         if tb is None or not wrong or not trainer.is_global_zero:
             return
