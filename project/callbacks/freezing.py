@@ -26,9 +26,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from project.errors import UserError
@@ -176,6 +178,8 @@ class FreezeSchedule(BaseFinetuning):
             self.applied.append(i)
             rank_zero_info(f"FreezeSchedule: epoch {epoch}: unfroze {phase.modules} ({added} tensors) at lr {optimizer.param_groups[-1]['lr']:.3g}")
             self._extend_schedulers(self._trainer, optimizer)
+            if added:
+                self._rewrap_ddp(self._trainer)
 
     def _unfreeze_into(self, modules: list[nn.Module], optimizer: Optimizer, phase: Phase) -> int:
         """Unfreeze ``modules`` and give their new trainable parameters a group of their own."""
@@ -220,6 +224,17 @@ class FreezeSchedule(BaseFinetuning):
             if isinstance(last, list):
                 last[len(last):] = [g["lr"] for g in optimizer.param_groups[len(last):]]
 
+    @staticmethod
+    def _rewrap_ddp(trainer: "pl.Trainer | None") -> None:
+        """Wrap the model in DDP again: DDP all-reduces only the parameters that were trainable when it wrapped them.
+
+        Without this, parameters unfrozen mid-fit train on each process's own gradients and the replicas drift apart.
+        """
+        strategy = getattr(trainer, "strategy", None)
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy.model.module
+            strategy.configure_ddp()
+
     # ---- training hooks ------------------------------------------------------------------------
 
     def setup(self, trainer: "pl.Trainer", pl_module: pl.LightningModule, stage: str) -> None:
@@ -240,6 +255,7 @@ class FreezeSchedule(BaseFinetuning):
                     for p in group["params"]:
                         p.requires_grad_(True)
                 self._extend_schedulers(trainer, optimizer)
+            self._rewrap_ddp(trainer)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:

@@ -50,10 +50,13 @@ class ResNet9(nn.Module):
         in_channels: Image channels.
         image_size: Unused (global pooling); kept for the common backbone signature.
         width: Channels of the first block; later blocks use 2x, 4x and 8x.
+        out_scale: Multiplies the pooled features (Page's net scales its logits by 0.125, which lets it
+            train at a high learning rate); 1.0 leaves them unscaled.
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, width: int = 64) -> None:
+    def __init__(self, in_channels: int = 3, image_size: int = 32, width: int = 64, out_scale: float = 1.0) -> None:
         super().__init__()
+        self.out_scale = out_scale
         w = width
         self.features = nn.Sequential(
             _conv_bn(in_channels, w),
@@ -71,4 +74,5 @@ class ResNet9(nn.Module):
         self.num_features = 8 * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        x = self.features(x)
+        return x * self.out_scale if self.out_scale != 1.0 else x

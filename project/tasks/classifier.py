@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
 
@@ -121,6 +121,10 @@ class ImageClassifier(LightningModule):
         self.train_metrics = _stage_metrics(num_classes, "train/")
         self.val_metrics = _stage_metrics(num_classes, "val/")
         self.test_metrics = _stage_metrics(num_classes, "test/")
+        # Epoch losses as torchmetrics means: their float sums sync exactly under DDP (self.log's sync_dist
+        # floors its integer sample count when the ranks hold unequal shards, Lightning #21859).
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.example_input_array = torch.zeros(2, in_channels, image_size, image_size)
         self.channels_last = channels_last
@@ -144,8 +148,12 @@ class ImageClassifier(LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), labels)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        else:
+            mean: MeanMetric = getattr(self, f"{stage}_loss")
+            mean.update(loss.detach(), weight=labels.numel())
+            self.log(f"{stage}/loss", mean, on_epoch=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         if stage == "test":
             self.test_confusion.update(logits.detach(), labels)

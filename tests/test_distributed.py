@@ -1,0 +1,193 @@
+"""DDP on CPU (2 gloo processes) through the real command line, alone and with each training callback.
+
+Each run is ``python -m project fit --config configs/mnist_lenet.yaml --config configs/trainer/ddp_cpu.yaml``
+in a fresh process (Lightning re-launches it for rank 1). What the ranks saw comes back through files
+only: :class:`tests.dist_helpers.RankRecorder` writes one JSON per rank; checkpoints and TensorBoard
+logs are read from disk. Checked for every run:
+
+- it completes, both ranks take the same number of steps and end with bit-identical weights;
+- validation and test metrics are the same on both ranks and equal the pooled value of the two shards;
+- the in-memory loader gives the ranks disjoint shards that together cover each split exactly once;
+- the DDP checkpoint, tested in one process, gives the DDP run's own test metrics.
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from project.data.idx import read_idx
+from tests.conftest import REPO, run_project
+from tests.dist_helpers import image_hash
+from tests.tb import scalars
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+BASE = REPO / "configs" / "mnist_lenet.yaml"
+DDP_CPU = REPO / "configs" / "trainer" / "ddp_cpu.yaml"
+CPU = REPO / "configs" / "trainer" / "cpu.yaml"
+VAL_SIZE = 101  # odd on purpose: uneven shards (51/50 validation, 206/205 training images per rank)
+EPOCHS = 2
+
+FREEZING = {
+    "class_path": "project.callbacks.freezing.FreezeSchedule",
+    "init_args": {"frozen": ["net.backbone.features"], "unfreeze_at_epoch": 1, "unfreeze_lr_factor": 0.5},
+}
+PRUNING = {
+    "class_path": "project.callbacks.pruning.MagnitudePruning",
+    "init_args": {"amount": 0.5, "start": 0, "end": 1, "frequency": 1, "unit": "epoch", "export_weights": False},
+}
+QAT = {
+    "class_path": "project.callbacks.qat.QuantizationAwareTraining",
+    "init_args": {"start_epoch": 0, "export": False},
+}
+COMBOS = {
+    "plain": [],
+    "freezing": [FREEZING],
+    "pruning": [PRUNING],
+    "qat": [QAT],
+    # all three; the convs stay frozen; pruning before QAT, which keeps its zeros
+    "frozen+pruning+qat": [{**FREEZING, "init_args": {"frozen": ["net.backbone.features"]}}, PRUNING, QAT],
+}
+NEEDS = {"freezing": ["project.callbacks.freezing"], "qat": ["project.callbacks.qat"]}
+NEEDS["frozen+pruning+qat"] = NEEDS["freezing"] + NEEDS["qat"]
+
+
+def _require(combo: str) -> None:
+    """Skip cleanly while a callback module of the combination is not importable yet."""
+    for module in NEEDS.get(combo, []):
+        try:
+            __import__(module)
+        except Exception as err:  # noqa: BLE001 - any import failure means "not there yet"
+            pytest.skip(f"{module} is not importable yet ({type(err).__name__}: {err})")
+
+
+def _write_callbacks(path: Path, callbacks: list[dict], out_dir: Path) -> Path:
+    recorder = {"class_path": "tests.dist_helpers.RankRecorder", "init_args": {"out_dir": str(out_dir)}}
+    path.write_text(json.dumps({"trainer": {"callbacks": [*callbacks, recorder]}}))  # JSON is YAML
+    return path
+
+
+def _common(data_dir: Path) -> list[str]:
+    return [
+        f"--data.data_dir={data_dir}", f"--data.val_size={VAL_SIZE}", "--data.batch_size=32",
+        "--data.rotate_degrees=0", "--data.translate=0",  # the recorder recovers pixels: no augmentation
+        "--model.init_args.lr_scheduler.init_args.max_lr=0.01",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
+    ]
+
+
+def _ranks(folder: Path) -> list[dict]:
+    files = sorted(folder.glob("rank*.json"))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def _split_hashes(data_dir: Path, prefix: str) -> list[str]:
+    images = read_idx(data_dir / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte").unsqueeze(1)
+    return [image_hash(img) for img in images]
+
+
+@pytest.fixture(scope="module", params=list(COMBOS))
+def ddp_run(request, fake_mnist_dir, tmp_path_factory) -> dict:
+    combo = request.param
+    _require(combo)
+    work = tmp_path_factory.mktemp(f"ddp_{combo.replace('+', '_')}")
+    config = _write_callbacks(work / "callbacks.yaml", COMBOS[combo], work / "ddp_ranks")
+    result = run_project(
+        ["fit", f"--config={BASE}", f"--config={DDP_CPU}", f"--config={config}", f"--trainer.max_epochs={EPOCHS}",
+         *_common(fake_mnist_dir)],
+        cwd=work,
+    )
+    assert result.returncode == 0, f"{combo}: DDP fit failed\n{result.stderr[-4000:]}"
+    version = work / "lightning_logs" / "mnist_lenet" / "version_0"
+    return {"combo": combo, "work": work, "version": version, "ranks": _ranks(work / "ddp_ranks"), "data": fake_mnist_dir}
+
+
+def test_ddp_fit_completes_with_equal_step_counts(ddp_run) -> None:
+    ranks = ddp_run["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    ckpt_dir = ddp_run["version"] / "checkpoints"
+    assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    steps_per_epoch = -(-((512 - VAL_SIZE + 1) // 2) // 32)  # ceil(206 / 32): every rank gets as many batches
+    assert last["global_step"] == EPOCHS * steps_per_epoch == ranks[0]["global_step"] == ranks[1]["global_step"]
+
+
+def test_ranks_end_with_identical_weights(ddp_run, request) -> None:
+    r0, r1 = ddp_run["ranks"]
+    # Gradients were all-reduced on every trainable tensor: the replicas never drifted apart.
+    assert r0["weights_digest"] == r1["weights_digest"], f"{ddp_run['combo']}: ranks ended with different weights"
+
+
+def test_validation_and_test_metrics_are_synced_over_ranks(ddp_run) -> None:
+    r0, r1 = ddp_run["ranks"]
+    assert len(r0["val"]) == len(r1["val"]) == EPOCHS and len(r0["test"]) == len(r1["test"]) == 1
+    for stage in ("val", "test"):
+        for a, b in zip(r0[stage], r1[stage]):
+            assert a["logged"] == b["logged"], f"{stage}: the ranks report different metrics"
+            pooled_acc = (a["correct"] + b["correct"]) / (a["count"] + b["count"])
+            assert a["logged"][f"{stage}/acc"] == pytest.approx(pooled_acc, abs=1e-6)
+    assert r0["test"][0]["logged"]["test/acc"] > 0.2  # it learned (chance is 0.1): the metrics mean something
+    if "qat" in ddp_run["combo"]:
+        assert r0["val"][-1]["logged"]["val/acc_int8"] == r1["val"][-1]["logged"]["val/acc_int8"]
+    logged = scalars(ddp_run["version"])
+    assert logged["test/acc"][-1] == pytest.approx(r0["test"][0]["logged"]["test/acc"], abs=1e-6)
+
+
+def test_validation_loss_is_the_mean_over_all_validation_images(ddp_run) -> None:
+    r0, r1 = ddp_run["ranks"]
+    for a, b in zip(r0["val"], r1["val"]):
+        assert a["count"] != b["count"]  # 51 / 50: the uneven case
+        pooled = (a["loss_sum"] + b["loss_sum"]) / (a["count"] + b["count"])
+        assert a["logged"]["val/loss"] == pytest.approx(pooled, rel=1e-5)
+
+
+def test_in_memory_shards_are_disjoint_and_cover_each_split(ddp_run) -> None:
+    r0, r1 = ddp_run["ranks"]
+    train_file = Counter(_split_hashes(ddp_run["data"], "train"))
+    test_file = Counter(_split_hashes(ddp_run["data"], "t10k"))
+    assert max(train_file.values()) == max(test_file.values()) == 1  # images are unique: hashes identify them
+    val0, val1 = Counter(r0["val"][0]["hashes"]), Counter(r1["val"][0]["hashes"])
+    assert sorted([sum(val0.values()), sum(val1.values())]) == [VAL_SIZE // 2, VAL_SIZE // 2 + 1]
+    for epoch in range(EPOCHS):
+        t0, t1 = Counter(r0["train"][epoch]["hashes"]), Counter(r1["train"][epoch]["hashes"])
+        assert not (t0 & t1), f"epoch {epoch}: a training image went to both ranks"
+        # training shards + validation shards = the training file, every image exactly once
+        assert t0 + t1 + val0 + val1 == train_file
+        assert len(r0["train"][epoch]["batch_sizes"]) == len(r1["train"][epoch]["batch_sizes"])
+    assert r0["train"][0]["hashes"] != r0["train"][1]["hashes"]  # reshuffled each epoch
+    for v in range(1, EPOCHS):  # the validation split and its sharding never change
+        assert Counter(r0["val"][v]["hashes"]) == val0 and Counter(r1["val"][v]["hashes"]) == val1
+    assert not (val0 & val1)
+    test0, test1 = Counter(r0["test"][0]["hashes"]), Counter(r1["test"][0]["hashes"])
+    assert not (test0 & test1) and test0 + test1 == test_file
+
+
+def test_ddp_checkpoint_tests_the_same_in_a_single_process(ddp_run) -> None:
+    work = ddp_run["work"]
+    config = _write_callbacks(work / "callbacks_single.yaml", COMBOS[ddp_run["combo"]], work / "single_ranks")
+    best = ddp_run["version"] / "checkpoints" / "best.ckpt"
+    result = run_project(
+        ["test", f"--config={BASE}", f"--config={config}", f"--config={CPU}", f"--ckpt_path={best}",
+         *_common(ddp_run["data"])],
+        cwd=work,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    (single,) = _ranks(work / "single_ranks")
+    assert single["world_size"] == 1
+    ddp_test = ddp_run["ranks"][0]["test"][0]
+    one = single["test"][0]
+    assert Counter(one["hashes"]) == Counter(ddp_test["hashes"]) + Counter(ddp_run["ranks"][1]["test"][0]["hashes"])
+    assert one["logged"]["test/acc"] == pytest.approx(ddp_test["logged"]["test/acc"], abs=1e-6)
+    for key in ("test/f1", "test/precision", "test/recall"):
+        assert one["logged"][key] == pytest.approx(ddp_test["logged"][key], abs=1e-5)
+    # equal shards (64/64): the mean over ranks of per-rank means is the mean over all test images
+    assert one["logged"]["test/loss"] == pytest.approx(ddp_test["logged"]["test/loss"], rel=1e-4)
+    if "test/acc_int8" in ddp_test["logged"]:
+        assert one["logged"]["test/acc_int8"] == pytest.approx(ddp_test["logged"]["test/acc_int8"], abs=1e-6)
