@@ -39,7 +39,7 @@ def test_fit_logs_everything_and_test_in_fresh_process_reproduces_it(trained_run
     assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
     run = read_run(trained_run)
     tags = set(run.Tags()["scalars"])
-    assert {"train/loss_epoch", "val/loss", "val/acc", "val/f1", "test/acc", "test/f1"} <= tags
+    assert {"train/loss_epoch", "train/acc", "train/f1", "val/loss", "val/acc", "val/f1", "test/acc", "test/f1"} <= tags
     assert any(t.startswith("lr-") for t in tags), tags
     assert "test/confusion_matrix" in run.Tags()["images"]
     logged = scalars(trained_run)

@@ -149,12 +149,14 @@ class ImageClassifier(LightningModule):
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), labels)
         if stage == "train":
+            # training metrics are logged once per epoch (on_train_epoch_end): logging metric objects at
+            # every step costs Lightning more bookkeeping than the step itself on small models
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        else:
-            mean: MeanMetric = getattr(self, f"{stage}_loss")
-            mean.update(loss.detach(), weight=labels.numel())
-            self.log(f"{stage}/loss", mean, on_epoch=True, prog_bar=True)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+            return loss
+        mean: MeanMetric = getattr(self, f"{stage}_loss")
+        mean.update(loss.detach(), weight=labels.numel())
+        self.log(f"{stage}/loss", mean, on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
         if stage == "test":
             self.test_confusion.update(logits.detach(), labels)
         return loss
@@ -172,6 +174,10 @@ class ImageClassifier(LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         probs = self(images).softmax(dim=-1)
         return {"pred": probs.argmax(dim=-1), "prob": probs}
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute())  # torchmetrics has already reduced over DDP ranks
+        self.train_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
         confusion = self.test_confusion.compute()

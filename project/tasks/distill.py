@@ -127,8 +127,7 @@ class DistillationClassifier(ImageClassifier):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/ce_loss", ce, on_step=False, on_epoch=True)
         self.log("train/kd_loss", kd, on_step=False, on_epoch=True)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
-        return loss
+        return loss  # the training metrics are logged at epoch end by ImageClassifier
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The student's parameter groups; the teacher's parameters are never in them."""
