@@ -35,7 +35,7 @@ from project.callbacks.qat import QuantizationAwareTraining
 from project.callbacks.structured_pruning import ChannelPruning
 from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
-from project.errors import UserError
+from project.errors import UserError, exit_on_user_error
 from project.reporting import log_hparams_with_metrics
 from project.tasks import ImageClassifier
 
@@ -272,17 +272,6 @@ def _hp_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError behind ``exc``: jsonargparse wraps errors raised while it instantiates classes."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 class _NoAdverts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "litlogger" not in record.getMessage()
@@ -308,16 +297,7 @@ def main(args: list[str] | None = None) -> None:
 
         return compress_main(argv[1:])
     _log_info_to_stdout()
-    try:
-        ProjectCLI(args=args)
-    except Exception as exc:
-        err = _user_error_in(exc)
-        if err is None:
-            raise
-        # a UserError raised in a DataLoader worker arrives wrapped, with the worker's traceback before it
-        message = str(err).strip().splitlines()[-1].removeprefix("project.errors.UserError: ")
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_user_error(ProjectCLI, args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from project.errors import UserError
+from project.errors import UserError, exit_on_user_error
 
 VARIANTS = ("fp32", "unstructured", "structured", "int8", "pruned_int8")
 DEFAULT_VARIANT_DIR = Path(__file__).resolve().parents[1] / "configs" / "compress"
@@ -217,17 +217,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends with one ``error: ...`` line and exit status 2."""
-    from project.cli import _user_error_in
-
-    try:
-        run(argv)
-    except Exception as exc:
-        err = _user_error_in(exc)
-        if err is None:
-            raise
-        message = str(err).strip().splitlines()[-1].removeprefix("project.errors.UserError: ")
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+    exit_on_user_error(run, argv)
 
 
 if __name__ == "__main__":
