@@ -55,6 +55,13 @@ def _apply_lr_factors(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
                 values[i] = values[i] * factor
 
 
+def _scheduler_class(factory: Any) -> Any:
+    """The class an LR-scheduler factory builds (jsonargparse passes a partial holding the class)."""
+    if inspect.isclass(factory):
+        return factory
+    return next((a for a in reversed(getattr(factory, "args", ())) if inspect.isclass(a)), factory)
+
+
 class ImageClassifier(LightningModule):
     """Image classification: ``arch`` backbone + linear head, trained with cross-entropy.
 
@@ -215,9 +222,7 @@ class ImageClassifier(LightningModule):
             _apply_lr_factors(optimizer, None)
             return optimizer
         kwargs = {}
-        target = getattr(self.lr_scheduler, "func", self.lr_scheduler)
-        target = getattr(self.lr_scheduler, "args", [target])[-1] if not inspect.isclass(target) else target
-        steps_per_batch = "total_steps" in inspect.signature(target).parameters
+        steps_per_batch = "total_steps" in inspect.signature(_scheduler_class(self.lr_scheduler)).parameters
         if steps_per_batch and getattr(self.lr_scheduler, "keywords", {}).get("total_steps") is None:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_scheduler(optimizer, **kwargs)
