@@ -39,3 +39,19 @@ def test_unknown_architecture_names_the_choices() -> None:
     with pytest.raises(ValueError, match="lenet5"):
         build_network("lenet6", 10, 1, 28)
     assert set(ARCHITECTURES) >= {"mlp", "lenet5", "cnn", "resnet9", "resnet18"}
+
+
+def test_lenet5_relu_after_pool_is_the_same_function_with_the_same_checkpoint_keys() -> None:
+    torch.manual_seed(0)
+    classic = build_network("lenet5", 10, 1, 28)
+    fast = build_network("lenet5", 10, 1, 28, relu_after_pool=True)
+    assert [type(m).__name__ for m in fast.backbone.features][:3] == ["Conv2d", "MaxPool2d", "ReLU"]
+    assert [type(m).__name__ for m in classic.backbone.features][:3] == ["Conv2d", "ReLU", "MaxPool2d"]
+    fast.load_state_dict(classic.state_dict())  # same keys, strict
+    x = torch.randn(4, 1, 28, 28, requires_grad=True)
+    out_classic, out_fast = classic(x), fast(x)
+    assert torch.equal(out_classic, out_fast)
+    out_classic.sum().backward()
+    grads = [p.grad.clone() for p in classic.parameters()]
+    out_fast.sum().backward()
+    assert all(torch.equal(a, b.grad) for a, b in zip(grads, fast.parameters()))
