@@ -130,6 +130,8 @@ class ImageClassifier(LightningModule):
         self.test_metrics = _stage_metrics(num_classes, "test/")
         # Epoch losses as torchmetrics means: their float sums sync exactly under DDP (self.log's sync_dist
         # floors its integer sample count when the ranks hold unequal shards, Lightning #21859).
+        self.train_loss = MeanMetric()
+        self._train_loss_registered = -1  # the epoch whose train_loss self.log already holds
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -156,9 +158,7 @@ class ImageClassifier(LightningModule):
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), labels)
         if stage == "train":
-            # training metrics are logged once per epoch (on_train_epoch_end): logging metric objects at
-            # every step costs Lightning more bookkeeping than the step itself on small models
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+            self.log_train_loss(loss, labels.numel())
             return loss
         mean: MeanMetric = getattr(self, f"{stage}_loss")
         mean.update(loss.detach(), weight=labels.numel())
@@ -167,6 +167,22 @@ class ImageClassifier(LightningModule):
         if stage == "test":
             self.test_confusion.update(logits.detach(), labels)
         return loss
+
+    def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """Log ``train/loss_step`` on the steps the logger writes, and ``train/loss_epoch`` at epoch end.
+
+        ``self.log`` costs Lightning about as much bookkeeping as a small model's whole step, so it is
+        called only on the steps that ``trainer.log_every_n_steps`` writes (the same curve as logging
+        every step). The epoch mean is a ``MeanMetric`` updated every step (exact under DDP and with a
+        smaller last batch) and handed to ``self.log`` once per epoch: Lightning computes it at epoch
+        end, before any callback's ``on_train_epoch_end``, and resets it.
+        """
+        self.train_loss.update(loss.detach(), weight=batch_size)
+        if self._train_loss_registered != self.current_epoch:
+            self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+            self._train_loss_registered = self.current_epoch
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.fast_dev_run:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -183,6 +199,8 @@ class ImageClassifier(LightningModule):
         return {"pred": probs.argmax(dim=-1), "prob": probs}
 
     def on_train_epoch_end(self) -> None:
+        # training metrics are computed every step but logged once per epoch: logging metric objects
+        # at every step costs Lightning more bookkeeping than the step itself on small models
         self.log_dict(self.train_metrics.compute())  # torchmetrics has already reduced over DDP ranks
         self.train_metrics.reset()
 

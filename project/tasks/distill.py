@@ -124,7 +124,7 @@ class DistillationClassifier(ImageClassifier):
         kd = distillation_loss(logits, teacher_logits, self.temperature)
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         self.train_metrics.update(logits.detach(), labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log_train_loss(loss, labels.numel())
         self.log("train/ce_loss", ce, on_step=False, on_epoch=True)
         self.log("train/kd_loss", kd, on_step=False, on_epoch=True)
         return loss  # the training metrics are logged at epoch end by ImageClassifier

@@ -1,0 +1,40 @@
+"""ImageClassifier's training-loss logging: written only on logging steps, with an exact epoch mean."""
+
+import csv
+import math
+
+import torch
+from lightning import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from project.tasks import ImageClassifier
+
+
+class _Losses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[tuple[float, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append((float(outputs["loss"]), len(batch[1])))
+
+
+def test_train_loss_steps_and_exact_epoch_mean(tmp_path) -> None:
+    seed_everything(0)
+    data = TensorDataset(torch.randn(44, 1, 28, 28), torch.randint(0, 10, (44,)))
+    loader = DataLoader(data, batch_size=8)  # 6 steps, the last of 4 samples
+    model, record = ImageClassifier(10, 1, 28, arch="mlp"), _Losses()
+    trainer = Trainer(max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=2, callbacks=[record],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader)
+
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    step_rows = [r for r in rows if r.get("train/loss_step")]
+    assert [int(r["step"]) for r in step_rows] == [1, 3, 5]  # every 2nd step only
+    for r in step_rows:
+        assert float(r["train/loss_step"]) == record.losses[int(r["step"])][0]
+    epoch = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    weighted = sum(loss * n for loss, n in record.losses) / sum(n for _, n in record.losses)
+    assert len(epoch) == 1 and math.isclose(epoch[0], weighted, rel_tol=1e-5)
+    assert not math.isclose(weighted, sum(loss for loss, _ in record.losses) / len(record.losses), rel_tol=1e-6)
