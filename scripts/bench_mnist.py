@@ -83,13 +83,13 @@ def raw_loop(config: str, data_dir: str) -> float:
     loader = dm.train_dataloader()
     optimizer = model.optimizer(model.parameter_groups())
     schedule = model.lr_scheduler(optimizer, total_steps=epochs * len(loader))
-    net = model.net.train()
+    model.train()
     start = time.perf_counter()
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         for images, labels in loader:
             images = dm.transform(images, train=True)
-            loss = F.cross_entropy(net(images), labels)
+            loss = F.cross_entropy(model(images), labels, label_smoothing=model.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -100,11 +100,13 @@ def raw_loop(config: str, data_dir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"), help="folder with MNIST/raw/")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of (a) and (b)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of (a) and (b), and of (d)'s pair")
     parser.add_argument("--workdir", default="/tmp/bench_mnist_logs", help="where the runs' logs go")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for every run (0: torch's default)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     seed_s, seed_acc, fast_s, fast_acc = [], [], [], []
     for i in range(args.repeats):
