@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,9 @@ def test_qat_trains_logs_int8_accuracy_and_exports(tmp_path):
     assert metrics["val/acc"] > 0.8
     assert abs(float(metrics["val/acc_int8"]) - float(metrics["val/acc"])) <= 0.05
     assert qat.export_path is not None and qat.export_path.is_file()
+    with zipfile.ZipFile(qat.export_path) as archive:  # lean: entries deflated, no example inputs
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in archive.infolist())
+        assert not any("sample_inputs" in i.filename and i.file_size > 1024 for i in archive.infolist())
     results = trainer.test(model, val, verbose=False)[0]
     assert results["test/acc_int8"] > 0.8
 
