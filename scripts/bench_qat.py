@@ -1,19 +1,22 @@
 """fp32 vs int8 (QAT) side by side on this CPU: LeNet-5 on full MNIST, the BatchNorm CNN on CIFAR-10.
 
-For each model two fits with the same seed and the same number of epochs: a float one, and one whose
-last ``--qat-epochs`` are quantization-aware (``QuantizationAwareTraining``; the epochs before are
-identical float training). Then, on the test split:
+For each model: a float fit with the model's full recipe (one-cycle schedule run to its end; channels-last),
+then QAT fine-tuning of that float model as a user does it (``init_from`` + ``QuantizationAwareTraining``
+with ``start_epoch=0``; a small constant LR; observers and BatchNorm statistics frozen in the last epoch,
+torchvision's recipe). Then, on the test split:
 
 - accuracy of the float model and of the int8 model (the exported ``.pt2``, compiled);
 - on-disk size of both as lean ``torch.export`` ``.pt2`` files (same format, same stripping);
-- throughput at batch 64 and latency at batch 1: fp32 eager, fp32 ``torch.compile``, int8 compiled.
+- throughput at batch 64 and latency at batch 1: fp32 eager (the faster of NCHW and channels-last),
+  fp32 ``torch.compile``, int8 compiled.
 
-Usage: python scripts/bench_qat.py [--data-dir ../shared/data] [--mnist-epochs 3] [--cifar-epochs 4]
-       [--limit-train F] [--cifar-limit-train F] [--only mnist_lenet|cifar10_cnn]
+Usage: python scripts/bench_qat.py [--data-dir ../shared/data] [--mnist-epochs 3] [--cifar-epochs 12]
+       [--qat-epochs 2] [--limit-train F] [--cifar-limit-train F] [--threads N] [--only mnist_lenet|cifar10_cnn]
 Prints a table per model, then one JSON line keyed by model.
 """
 
 import argparse
+import copy
 import json
 import sys
 import tarfile
@@ -64,28 +67,30 @@ def _accuracy(fn, batches) -> float:
     return 100.0 * correct / total
 
 
-def bench_model(name: str, make_model, make_data, epochs: int, qat_epochs: int, root: Path,
-                limit_train: float, qat_kwargs: dict) -> dict:
-    print(f"\n== {name}: {epochs} epochs, the last {qat_epochs} quantization-aware in the int8 run", flush=True)
+def bench_model(name: str, make_model, make_data, recipe: dict, root: Path, limit_train: float) -> dict:
+    """Train ``name`` in float with its full recipe, QAT-fine-tune that float model, measure both."""
+    epochs, qat_epochs = recipe["epochs"], recipe["qat_epochs"]
+    print(f"\n== {name}: {epochs} float epochs, then {qat_epochs} QAT fine-tuning epochs from the float weights", flush=True)
     t0 = time.time()
     seed_everything(0)
     dm = make_data()
-    fp32 = make_model(dm)
+    fp32 = make_model(dm, recipe["optimizer"], recipe["schedule"], channels_last=True)
     _trainer(epochs, [], root / f"{name}_fp32", limit_train).fit(fp32, datamodule=dm)
     t_fp32 = time.time() - t0
+    float_weights = root / f"{name}_fp32_state.pt"
+    torch.save(fp32.net.state_dict(), float_weights)
 
+    # QAT fine-tuning of the float model, as a user does it: init_from + QuantizationAwareTraining(start_epoch=0)
     seed_everything(0)
-    dm = make_data()
-    qmodel = make_model(dm)
-    qat = QuantizationAwareTraining(start_epoch=epochs - qat_epochs, **qat_kwargs)
-    trainer = _trainer(epochs, [qat], root / f"{name}_qat", limit_train)
-    trainer.fit(qmodel, datamodule=dm)
+    qmodel = make_model(dm, recipe["qat_optimizer"], None, init_from=str(float_weights))
+    qat = QuantizationAwareTraining(start_epoch=0, **recipe["qat"])
+    _trainer(qat_epochs, [qat], root / f"{name}_qat", limit_train).fit(qmodel, datamodule=dm)
     t_qat = time.time() - t0 - t_fp32
     int8_path = qat.export_path
     assert int8_path is not None
 
     shape = (dm.in_channels, dm.image_size, dm.image_size)
-    fp32_net = fp32.net.eval()
+    fp32_net = fp32.net.eval().to(memory_format=torch.contiguous_format)
     fp32_path = Q.save_program(fp32_net, shape, root / f"{name}_fp32.pt2")
     batches = _test_batches(dm)
     int8_eager = Q.load_int8(int8_path)
@@ -99,9 +104,16 @@ def bench_model(name: str, make_model, make_data, epochs: int, qat_epochs: int, 
 
     x64, x1 = torch.randn(64, *shape), torch.randn(1, *shape)
     lat = {}
-    for label, fn in (("fp32_eager", fp32_net), ("fp32_compiled", fp32_compiled), ("int8_compiled", int8)):
-        lat[f"{label}_b64_ms"] = measure_latency_ms(lambda: fn(x64), warmup=5, repeats=30)
-        lat[f"{label}_b1_ms"] = measure_latency_ms(lambda: fn(x1), warmup=10, repeats=100)
+    fp32_cl = copy.deepcopy(fp32_net).to(memory_format=torch.channels_last)
+    cl = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    runs = (("fp32_eager_nchw", fp32_net, lambda x: x), ("fp32_eager_channels_last", fp32_cl, cl),
+            ("fp32_compiled", fp32_compiled, lambda x: x), ("int8_compiled", int8, lambda x: x))
+    for label, fn, fmt in runs:
+        a64, a1 = fmt(x64), fmt(x1)
+        lat[f"{label}_b64_ms"] = measure_latency_ms(lambda: fn(a64), warmup=5, repeats=30)
+        lat[f"{label}_b1_ms"] = measure_latency_ms(lambda: fn(a1), warmup=10, repeats=100)
+    for b in ("b64", "b1"):  # "fp32 eager" is the faster of the two memory formats: the stronger baseline
+        lat[f"fp32_eager_{b}_ms"] = min(lat[f"fp32_eager_nchw_{b}_ms"], lat[f"fp32_eager_channels_last_{b}_ms"])
     size_fp32, size_int8 = file_size_bytes(fp32_path), file_size_bytes(int8_path)
     result = {
         "fp32_acc": round(fp32_acc, 2),
@@ -119,6 +131,8 @@ def bench_model(name: str, make_model, make_data, epochs: int, qat_epochs: int, 
         "speedup_b1_vs_compiled_fp32": round(lat["fp32_compiled_b1_ms"] / lat["int8_compiled_b1_ms"], 3),
         **{k: round(v, 3) for k, v in lat.items()},
         "throughput_b64_img_s": {k[:-7]: round(64000 / v, 1) for k, v in lat.items() if k.endswith("_b64_ms")},
+        "fp32_epochs": epochs,
+        "qat_epochs": qat_epochs,
         "train_s_fp32": round(t_fp32, 1),
         "train_s_qat": round(t_qat, 1),
     }
@@ -135,12 +149,27 @@ def bench_model(name: str, make_model, make_data, epochs: int, qat_epochs: int, 
     return result
 
 
+def _classifier(arch: str, arch_kwargs: dict, label_smoothing: float):
+    def make(dm, optimizer, schedule, channels_last: bool = False, init_from: str | None = None) -> ImageClassifier:
+        return ImageClassifier(
+            dm.num_classes, dm.in_channels, dm.image_size, arch=arch, arch_kwargs=arch_kwargs,
+            label_smoothing=label_smoothing, optimizer=optimizer, lr_scheduler=schedule,
+            channels_last=channels_last, init_from=init_from,
+        )
+    return make
+
+
+def _one_cycle(max_lr: float, pct_start: float = 0.3):
+    return lambda opt, total_steps: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps,
+                                                                        pct_start=pct_start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO / ".." / "shared" / "data"))
-    parser.add_argument("--mnist-epochs", type=int, default=3)
-    parser.add_argument("--cifar-epochs", type=int, default=4)
-    parser.add_argument("--qat-epochs", type=int, default=1, help="trailing QAT epochs of the int8 runs")
+    parser.add_argument("--mnist-epochs", type=int, default=3, help="float epochs of LeNet-5 (configs/mnist_lenet_fast.yaml's recipe)")
+    parser.add_argument("--cifar-epochs", type=int, default=12, help="float epochs of the CNN (configs/cifar10_cnn.yaml's recipe)")
+    parser.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs (observers and BN frozen in the last)")
     parser.add_argument("--limit-train", type=float, default=1.0, help="fraction of MNIST train batches per epoch")
     parser.add_argument("--cifar-limit-train", type=float, default=1.0, help="fraction of CIFAR train batches per epoch")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -150,6 +179,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
+    freeze_at = args.qat_epochs - 1 if args.qat_epochs > 1 else None
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -158,10 +188,17 @@ def main() -> None:
                 raise SystemExit(f"MNIST not found under {data_dir}/MNIST/raw")
             results["mnist_lenet"] = bench_model(
                 "mnist_lenet",
-                lambda dm: ImageClassifier(dm.num_classes, dm.in_channels, dm.image_size, arch="lenet5",
-                                           optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=5e-4)),
-                lambda: MNISTDataModule(data_dir=str(data_dir), download=False, batch_size=128),
-                args.mnist_epochs, args.qat_epochs, root, args.limit_train, {},
+                _classifier("lenet5", {}, 0.0),
+                lambda: MNISTDataModule(data_dir=str(data_dir), download=False, batch_size=256),
+                {
+                    "epochs": args.mnist_epochs,
+                    "optimizer": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=1e-4),
+                    "schedule": _one_cycle(0.01, pct_start=0.25),
+                    "qat_epochs": args.qat_epochs,
+                    "qat_optimizer": lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=1e-4),
+                    "qat": {"freeze_observers_epoch": freeze_at},
+                },
+                root, args.limit_train,
             )
         if args.only in (None, "cifar10_cnn"):
             archive = data_dir / "cifar10-jpg.tar.gz"
@@ -174,16 +211,19 @@ def main() -> None:
             print(f"\nextracted CIFAR-10 in {time.time() - t:.0f} s", flush=True)
             results["cifar10_cnn"] = bench_model(
                 "cifar10_cnn",
-                lambda dm: ImageClassifier(
-                    dm.num_classes, dm.in_channels, dm.image_size, arch="cnn",
-                    arch_kwargs={"channels": [32, 64], "hidden": 256, "batch_norm": True},
-                    optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=5e-4),
-                ),
+                _classifier("cnn", {"channels": [32, 64], "hidden": 256, "batch_norm": True, "dropout": 0.2}, 0.1),
                 lambda: ImageFolderDataModule(str(folder), image_size=32, channels=3, in_memory=True,
-                                              num_workers=2, batch_size=128, val_size=2000,
+                                              num_workers=2, batch_size=256, val_size=2000,
                                               crop_padding=4, horizontal_flip=True),
-                args.cifar_epochs, args.qat_epochs, root, args.cifar_limit_train,
-                {"freeze_bn_epoch": args.cifar_epochs - 1},
+                {
+                    "epochs": args.cifar_epochs,
+                    "optimizer": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+                    "schedule": _one_cycle(0.05),
+                    "qat_epochs": args.qat_epochs,
+                    "qat_optimizer": lambda p: torch.optim.SGD(p, lr=5e-4, momentum=0.9, weight_decay=5e-4),
+                    "qat": {"freeze_observers_epoch": freeze_at, "freeze_bn_epoch": freeze_at},
+                },
+                root, args.cifar_limit_train,
             )
     print(json.dumps(results))
 
