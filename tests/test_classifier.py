@@ -38,3 +38,12 @@ def test_train_loss_steps_and_exact_epoch_mean(tmp_path) -> None:
     weighted = sum(loss * n for loss, n in record.losses) / sum(n for _, n in record.losses)
     assert len(epoch) == 1 and math.isclose(epoch[0], weighted, rel_tol=1e-5)
     assert not math.isclose(weighted, sum(loss for loss, _ in record.losses) / len(record.losses), rel_tol=1e-6)
+
+
+def test_step_logging_off_still_logs_the_epoch_loss(tmp_path) -> None:
+    loader = DataLoader(TensorDataset(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))), batch_size=8)
+    model = ImageClassifier(10, 1, 28, arch="mlp")
+    trainer = Trainer(max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=0, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader)
+    assert "train/loss_epoch" in trainer.callback_metrics and "train/loss_step" not in trainer.callback_metrics

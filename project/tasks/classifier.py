@@ -131,7 +131,6 @@ class ImageClassifier(LightningModule):
         # Epoch losses as torchmetrics means: their float sums sync exactly under DDP (self.log's sync_dist
         # floors its integer sample count when the ranks hold unequal shards, Lightning #21859).
         self.train_loss = MeanMetric()
-        self._train_loss_registered = -1  # the epoch whose train_loss self.log already holds
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -174,15 +173,17 @@ class ImageClassifier(LightningModule):
         ``self.log`` costs Lightning about as much bookkeeping as a small model's whole step, so it is
         called only on the steps that ``trainer.log_every_n_steps`` writes (the same curve as logging
         every step). The epoch mean is a ``MeanMetric`` updated every step (exact under DDP and with a
-        smaller last batch) and handed to ``self.log`` once per epoch: Lightning computes it at epoch
-        end, before any callback's ``on_train_epoch_end``, and resets it.
+        smaller last batch), handed to ``self.log`` once per epoch in :meth:`on_train_epoch_start`.
         """
         self.train_loss.update(loss.detach(), weight=batch_size)
-        if self._train_loss_registered != self.current_epoch:
-            self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-            self._train_loss_registered = self.current_epoch
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.fast_dev_run:
+        every = self.trainer.log_every_n_steps  # 0 turns step logging off, as in Lightning
+        if (every and (self.global_step + 1) % every == 0) or self.trainer.fast_dev_run:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning computes a logged metric object at epoch end (before any callback's on_train_epoch_end
+        # reads callback_metrics) and resets it; the training steps only update it.
+        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
