@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import os
 import types
 import zipfile
@@ -330,17 +331,14 @@ def save_program(model: nn.Module, input_shape: tuple[int, ...], path: str | Pat
         for key in ("stack_trace", "from_node", "source_fn_stack", "nn_module_stack", "torch_fn"):
             node.meta.pop(key, None)
     program.example_inputs = None
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.export.save(program, str(tmp))
-        _deflate_archive(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    _write_deflated(archive, path)
     return path
 
 
-def _deflate_archive(src: Path, dst: Path) -> None:
-    """Rewrite the ``.pt2`` zip ``src`` as ``dst`` with every entry deflate-compressed (same names, same order).
+def _write_deflated(archive: io.BytesIO, dst: Path) -> None:
+    """Write the ``.pt2`` zip ``archive`` to ``dst`` with every entry deflate-compressed (same names, same order).
 
     ``torch.export.save`` stores entries uncompressed. The graph (``model.json``) and the weight configs
     are verbose JSON that deflate shrinks ~10x; for a small int8 model they otherwise weigh about as much
@@ -348,10 +346,13 @@ def _deflate_archive(src: Path, dst: Path) -> None:
     replaced atomically, so an interrupted save never leaves a half-written file.
     """
     partial = dst.with_name(f".{dst.name}.partial")
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
-        for info in zin.infolist():
-            zout.writestr(info.filename, zin.read(info.filename))
-    os.replace(partial, dst)
+    try:
+        with zipfile.ZipFile(archive) as zin, zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
+            for info in zin.infolist():
+                zout.writestr(info.filename, zin.read(info.filename))
+        os.replace(partial, dst)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _register_int8_ops() -> None:
