@@ -81,7 +81,6 @@ def raw_loop(config: str, data_dir: str) -> float:
     cli = ProjectCLI(args=[f"--config={REPO / config}", f"--data.data_dir={data_dir}"], run=False)
     dm, model = cli.datamodule, cli.model
     epochs = cli.trainer.max_epochs
-    # timed from here, like trainer.fit: it too loads the data and builds the optimizer inside the timing
     start = time.perf_counter()
     dm.prepare_data()
     dm.setup("fit")
