@@ -1,4 +1,5 @@
-"""ImageClassifier's training-loss logging: written only on logging steps, with an exact epoch mean."""
+"""ImageClassifier's training logging: the loss only on logging steps with an exact epoch mean, and epoch metrics
+that cover every training prediction of their epoch."""
 
 import csv
 import math
@@ -9,6 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from project.tasks import ImageClassifier
+from project.tasks.classifier import _TRAIN_METRICS_EVERY, _stage_metrics
 
 
 class _Losses(Callback):
@@ -47,3 +49,35 @@ def test_step_logging_off_still_logs_the_epoch_loss(tmp_path) -> None:
                       enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, loader)
     assert "train/loss_epoch" in trainer.callback_metrics and "train/loss_step" not in trainer.callback_metrics
+
+
+
+def test_train_metrics_cover_every_prediction_of_the_epoch(tmp_path, monkeypatch) -> None:
+    seed_everything(0)
+    n_steps = 2 * _TRAIN_METRICS_EVERY + 3  # predictions reach torchmetrics in chunks and at epoch end
+    data = TensorDataset(torch.randn(4 * n_steps - 2, 1, 28, 28), torch.randint(0, 10, (4 * n_steps - 2,)))
+    loader = DataLoader(data, batch_size=4, shuffle=True)  # a last batch of 2
+    model = ImageClassifier(10, 1, 28, arch="mlp")
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    original = ImageClassifier.update_train_metrics
+
+    def spy(self, logits, labels):
+        seen.append((self.current_epoch, logits.detach().clone(), labels.clone()))
+        original(self, logits, labels)
+
+    monkeypatch.setattr(ImageClassifier, "update_train_metrics", spy)
+    trainer = Trainer(max_epochs=2, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader)
+
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        logged = [r for r in csv.DictReader(f) if r.get("train/acc")]
+    assert len(seen) == 2 * n_steps and len(logged) == 2
+    for epoch in (0, 1):
+        expected = _stage_metrics(10, "train/")
+        for e, logits, labels in seen:
+            if e == epoch:
+                expected.update(logits, labels)
+        for key, value in expected.compute().items():
+            assert math.isclose(float(logged[epoch][key]), float(value), rel_tol=1e-6), (epoch, key)
+    assert logged[0]["train/acc"] != logged[1]["train/acc"]  # each epoch counts only its own predictions

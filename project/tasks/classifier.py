@@ -33,6 +33,8 @@ def _stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+_TRAIN_METRICS_EVERY = 32  # training steps whose predictions are gathered before one metrics update
+
 _LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group LR values that optimizers and torch schedules keep
 
 
@@ -134,11 +136,21 @@ class ImageClassifier(LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self._train_preds: list[torch.Tensor] = []  # see update_train_metrics
+        self._train_targets: list[torch.Tensor] = []
         self.example_input_array = torch.zeros(2, in_channels, image_size, image_size)
         self.channels_last = channels_last
         self.compile_net = compile
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name around each of the ~20 hooks it calls per training step; it is never
+        # a parameter, buffer or submodule, so nn.Module's checks (ten times a plain assignment) are skipped.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def configure_model(self) -> None:
         if self.compile_net and not getattr(self, "_compiled", False):
@@ -154,11 +166,12 @@ class ImageClassifier(LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing if stage == "train" else 0.0)
-        metrics: MetricCollection = getattr(self, f"{stage}_metrics")
-        metrics.update(logits.detach(), labels)
         if stage == "train":
+            self.update_train_metrics(logits, labels)
             self.log_train_loss(loss, labels.numel())
             return loss
+        metrics: MetricCollection = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), labels)
         mean: MeanMetric = getattr(self, f"{stage}_loss")
         mean.update(loss.detach(), weight=labels.numel())
         self.log(f"{stage}/loss", mean, on_epoch=True, prog_bar=True)
@@ -166,6 +179,24 @@ class ImageClassifier(LightningModule):
         if stage == "test":
             self.test_confusion.update(logits.detach(), labels)
         return loss
+
+    def update_train_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Collect a training batch's predicted classes for ``train_metrics``.
+
+        Updating the four torchmetrics objects costs more than a small model's step on a CPU, so the
+        predictions are gathered and handed to them every ``_TRAIN_METRICS_EVERY`` steps and at epoch end:
+        the same epoch values, with bounded memory.
+        """
+        self._train_preds.append(logits.detach().argmax(dim=-1))
+        self._train_targets.append(labels)
+        if len(self._train_preds) >= _TRAIN_METRICS_EVERY:
+            self._flush_train_metrics()
+
+    def _flush_train_metrics(self) -> None:
+        if self._train_preds:
+            self.train_metrics.update(torch.cat(self._train_preds), torch.cat(self._train_targets))
+            self._train_preds.clear()
+            self._train_targets.clear()
 
     def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
         """Log ``train/loss_step`` on the steps the logger writes, and ``train/loss_epoch`` at epoch end.
@@ -181,6 +212,8 @@ class ImageClassifier(LightningModule):
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     def on_train_epoch_start(self) -> None:
+        self._train_preds.clear()  # left over only if the previous epoch was interrupted
+        self._train_targets.clear()
         # Lightning computes a logged metric object at epoch end (before any callback's on_train_epoch_end
         # reads callback_metrics) and resets it; the training steps only update it.
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
@@ -202,6 +235,7 @@ class ImageClassifier(LightningModule):
     def on_train_epoch_end(self) -> None:
         # training metrics are computed every step but logged once per epoch: logging metric objects
         # at every step costs Lightning more bookkeeping than the step itself on small models
+        self._flush_train_metrics()
         self.log_dict(self.train_metrics.compute())  # torchmetrics has already reduced over DDP ranks
         self.train_metrics.reset()
 

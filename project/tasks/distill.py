@@ -123,7 +123,7 @@ class DistillationClassifier(ImageClassifier):
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         kd = distillation_loss(logits, teacher_logits, self.temperature)
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
-        self.train_metrics.update(logits.detach(), labels)
+        self.update_train_metrics(logits, labels)
         self.log_train_loss(loss, labels.numel())
         self.log("train/ce_loss", ce, on_step=False, on_epoch=True)
         self.log("train/kd_loss", kd, on_step=False, on_epoch=True)
