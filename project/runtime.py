@@ -1,0 +1,34 @@
+"""Process-wide settings that the CLI applies before it builds anything."""
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
+KEEP_BYTES = 1 << 30
+_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory(nbytes: int = KEEP_BYTES) -> bool:
+    """Let glibc's ``malloc`` reuse freed tensor memory instead of giving it back to the OS at every step.
+
+    glibc serves each allocation above its mmap threshold (128 KiB at start, then adapting to what the
+    process has freed, up to 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, and it trims the heap
+    top as it shrinks. A training step's activations are such allocations, so steps page-fault them in
+    again; how often depends on what the process did before. On this project's 2-core machine a 3-epoch
+    LeNet-5 fit of ``configs/mnist_lenet_fast.yaml`` took 50,000-150,000 page faults in a fresh process,
+    and over a million in one that had trained before; with both thresholds at ``nbytes`` it took 14,000.
+    The resident memory then stays near its peak instead of shrinking between steps.
+
+    Does nothing off Linux/glibc, or when ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` is set
+    (glibc's own variables: the user's choice wins). Returns whether the thresholds were set.
+    """
+    if not sys.platform.startswith("linux") or any(v in os.environ for v in _ENV_VARS):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, nbytes))
