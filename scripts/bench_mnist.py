@@ -4,7 +4,8 @@
 (b) the race: ``configs/mnist_lenet_fast.yaml`` through the project's CLI/Trainer (fit time);
 (c) the full recipe: ``configs/mnist_lenet.yaml``;
 (d) Lightning's overhead: the fast recipe's model and data path in a raw loop vs the Trainer.
-(a) and (b) alternate, ``--repeats`` times each; medians are reported. Last line: one JSON object.
+(a) and (b) alternate, ``--repeats`` times each; medians are reported. Each run is a fresh Python process, so
+no run inherits another's allocator state, imports or threads. Last line: one JSON object.
 
     python scripts/bench_mnist.py --data-dir ../shared/data
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,8 +61,8 @@ def _accuracy(model: torch.nn.Module, loader) -> float:
     return correct / total
 
 
-def project_run(config: str, data_dir: str, workdir: Path, *extra: str) -> tuple[float, float]:
-    """Fit ``config`` through the project's CLI objects; returns (fit seconds, test accuracy)."""
+def project_run(config: str, data_dir: str, workdir: Path, *extra: str, test: bool = True) -> tuple[float, float | None]:
+    """Fit ``config`` through the project's CLI objects; returns (fit seconds, test accuracy or None)."""
     cli = ProjectCLI(
         args=[f"--config={REPO / config}", f"--data.data_dir={data_dir}", "--trainer.enable_progress_bar=false",
               "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={workdir}", *extra],
@@ -69,6 +71,8 @@ def project_run(config: str, data_dir: str, workdir: Path, *extra: str) -> tuple
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - start
+    if not test:
+        return fit_s, None
     result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     return fit_s, float(result[0]["test/acc"])
 
@@ -100,34 +104,60 @@ def raw_loop(config: str, data_dir: str) -> float:
     return time.perf_counter() - start
 
 
+RUNS = {
+    "seed": lambda a: seed_loop(a.data_dir),
+    "fast": lambda a: project_run("configs/mnist_lenet_fast.yaml", a.data_dir, Path(a.workdir), "--test_after_fit=false"),
+    "raw": lambda a: (raw_loop("configs/mnist_lenet_fast.yaml", a.data_dir), None),
+    "trainer": lambda a: project_run("configs/mnist_lenet_fast.yaml", a.data_dir, Path(a.workdir), "--test_after_fit=false",
+                                     "--trainer.limit_val_batches=0", "--checkpoint.monitor=null", test=False),
+    "full": lambda a: project_run("configs/mnist_lenet.yaml", a.data_dir, Path(a.workdir), "--test_after_fit=false"),
+}
+
+
+def run_in_subprocess(kind: str, args: argparse.Namespace) -> tuple[float, float | None]:
+    """One run of ``kind`` in a fresh interpreter; returns (fit seconds, test accuracy or None)."""
+    cmd = [sys.executable, __file__, "--one", kind, "--data-dir", args.data_dir, "--workdir", args.workdir,
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: the {kind} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["fit_s"], result["acc"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"), help="folder with MNIST/raw/")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of (a) and (b), and of (d)'s pair")
     parser.add_argument("--workdir", default="/tmp/bench_mnist_logs", help="where the runs' logs go")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for every run (0: torch's default)")
+    parser.add_argument("--one", choices=sorted(RUNS), help=argparse.SUPPRESS)  # internal: a single run
     args = parser.parse_args()
-    workdir = Path(args.workdir)
+    if not (Path(args.data_dir) / "MNIST" / "raw").is_dir():
+        sys.exit(f"error: no MNIST/raw/ under {args.data_dir}: pass --data-dir DIR laid out like ../shared/data")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.one:
+        fit_s, acc = RUNS[args.one](args)
+        print(json.dumps({"fit_s": fit_s, "acc": acc}))
+        return
 
     seed_s, seed_acc, fast_s, fast_acc = [], [], [], []
     for i in range(args.repeats):
-        s, a = seed_loop(args.data_dir)
+        s, a = run_in_subprocess("seed", args)
         seed_s.append(s), seed_acc.append(a)
         print(f"(a) seed loop run {i}: {s:.1f} s, test acc {a:.4f}", flush=True)
-        s, a = project_run("configs/mnist_lenet_fast.yaml", args.data_dir, workdir, "--test_after_fit=false")
+        s, a = run_in_subprocess("fast", args)
         fast_s.append(s), fast_acc.append(a)
         print(f"(b) mnist_lenet_fast run {i}: fit {s:.1f} s, test acc {a:.4f}", flush=True)
 
     trainer_s, raw_s = [], []
     for i in range(args.repeats):
-        raw_s.append(raw_loop("configs/mnist_lenet_fast.yaml", args.data_dir))
-        trainer_s.append(project_run("configs/mnist_lenet_fast.yaml", args.data_dir, workdir,
-                                     "--trainer.limit_val_batches=0", "--checkpoint.monitor=null")[0])
+        raw_s.append(run_in_subprocess("raw", args)[0])
+        trainer_s.append(run_in_subprocess("trainer", args)[0])
         print(f"(d) raw loop {raw_s[-1]:.1f} s vs Trainer {trainer_s[-1]:.1f} s", flush=True)
 
-    full_s, full_acc = project_run("configs/mnist_lenet.yaml", args.data_dir, workdir)
+    full_s, full_acc = run_in_subprocess("full", args)
     print(f"(c) mnist_lenet full recipe: fit {full_s:.1f} s, test acc {full_acc:.4f}", flush=True)
 
     med = statistics.median
