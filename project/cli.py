@@ -11,7 +11,9 @@ A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
 - ``--ckpt_path last`` resumes from the newest ``last.ckpt`` of earlier runs of the same config, into a new
   version folder; checkpoints always load with ``weights_only=True`` and are checked before use;
 - bad input ends with one ``error: ...`` line and exit status 2;
-- glibc's malloc keeps freed tensor memory for reuse (:func:`project.runtime.keep_freed_memory`).
+- glibc's malloc keeps freed tensor memory for reuse (:func:`project.runtime.keep_freed_memory`), and on a
+  machine without a GPU torch stops probing for NVIDIA's driver at every optimizer step
+  (:func:`project.runtime.skip_nvml_probe_without_gpu`).
 """
 
 import csv
@@ -38,7 +40,7 @@ from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError, exit_on_user_error
 from project.reporting import log_hparams_with_metrics
-from project.runtime import keep_freed_memory
+from project.runtime import keep_freed_memory, skip_nvml_probe_without_gpu
 from project.tasks import ImageClassifier
 
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
@@ -79,6 +81,7 @@ class ProjectCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         keep_freed_memory()
+        skip_nvml_probe_without_gpu()
         kwargs.setdefault("parser_class", _Parser)
         kwargs.setdefault("model_class", ImageClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)

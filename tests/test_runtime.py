@@ -1,5 +1,7 @@
-"""``keep_freed_memory``: freed tensor memory is reused instead of page-faulted in again, and the user's own
-glibc settings win. Each case runs in a fresh interpreter, as the setting is process-wide."""
+"""Process-wide runtime settings, each case in a fresh interpreter as the settings are process-wide.
+
+``keep_freed_memory``: freed tensor memory is reused instead of page-faulted in again, and the user's own glibc
+settings win. ``skip_nvml_probe_without_gpu``: without a GPU, optimizer steps stop loading NVIDIA's library."""
 
 import json
 import os
@@ -7,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 
 _PROBE = """
 import json, resource, sys, torch
@@ -31,6 +34,7 @@ def _probe(mode: str, **env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@linux_only
 def test_freed_tensors_are_reused_without_new_page_faults() -> None:
     default, kept = _probe("default"), _probe("keep")
     pages = 48 * 2**20 // 4096
@@ -39,5 +43,43 @@ def test_freed_tensors_are_reused_without_new_page_faults() -> None:
     assert kept["faults"] < 3 * pages  # reused from the heap (glibc may still map a block now and then)
 
 
+@linux_only
 def test_the_users_own_malloc_settings_win() -> None:
     assert _probe("keep", MALLOC_MMAP_THRESHOLD_="131072")["applied"] is False
+
+
+_NVML_PROBE = """
+import ctypes, json, os, sys, torch
+import lightning  # sets PYTORCH_NVML_BASED_CUDA_CHECK=1
+from project.runtime import skip_nvml_probe_without_gpu
+skipped = skip_nvml_probe_without_gpu() if sys.argv[1] == "skip" else False
+loads = []
+class CountingCDLL(ctypes.CDLL):
+    def __init__(self, name, *args, **kwargs):
+        loads.append(str(name))
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = CountingCDLL
+w = torch.nn.Parameter(torch.ones(3))
+opt = torch.optim.AdamW([w], lr=0.1)
+for _ in range(5):
+    w.sum().backward()
+    opt.step()
+print(json.dumps({"skipped": skipped, "nvml_loads": sum("nvidia-ml" in n for n in loads),
+                  "cuda": torch.cuda.is_available(), "env": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")}))
+"""
+
+
+def _nvml_probe(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _NVML_PROBE, mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="a CPU-only torch never probes NVML")
+def test_without_a_gpu_optimizer_steps_stop_loading_nvidias_library() -> None:
+    if torch.cuda.device_count() > 0:
+        result = _nvml_probe("skip")  # with a GPU the setting must stay as Lightning made it
+        assert result["skipped"] is False and result["env"] == "1" and result["cuda"] is True
+        return
+    before, after = _nvml_probe("default"), _nvml_probe("skip")
+    assert before["nvml_loads"] >= 5  # one attempt per optimizer step
+    assert after == {"skipped": True, "nvml_loads": 0, "cuda": False, "env": "0"}
