@@ -49,10 +49,9 @@ def test_the_users_own_malloc_settings_win() -> None:
 
 
 _NVML_PROBE = """
-import ctypes, json, os, sys, torch
+import ctypes, json, os, torch
 import lightning  # sets PYTORCH_NVML_BASED_CUDA_CHECK=1
 from project.runtime import skip_nvml_probe_without_gpu
-skipped = skip_nvml_probe_without_gpu() if sys.argv[1] == "skip" else False
 loads = []
 class CountingCDLL(ctypes.CDLL):
     def __init__(self, name, *args, **kwargs):
@@ -61,25 +60,25 @@ class CountingCDLL(ctypes.CDLL):
 ctypes.CDLL = CountingCDLL
 w = torch.nn.Parameter(torch.ones(3))
 opt = torch.optim.AdamW([w], lr=0.1)
-for _ in range(5):
-    w.sum().backward()
-    opt.step()
-print(json.dumps({"skipped": skipped, "nvml_loads": sum("nvidia-ml" in n for n in loads),
+def nvml_loads_in_five_steps():
+    loads.clear()
+    for _ in range(5):
+        w.sum().backward()
+        opt.step()
+    return sum("nvidia-ml" in name for name in loads)
+before = nvml_loads_in_five_steps()
+skipped = skip_nvml_probe_without_gpu()
+print(json.dumps({"before": before, "skipped": skipped, "after": nvml_loads_in_five_steps(),
                   "cuda": torch.cuda.is_available(), "env": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")}))
 """
 
 
-def _nvml_probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _NVML_PROBE, mode], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="a CPU-only torch never probes NVML")
 def test_without_a_gpu_optimizer_steps_stop_loading_nvidias_library() -> None:
-    if torch.cuda.device_count() > 0:
-        result = _nvml_probe("skip")  # with a GPU the setting must stay as Lightning made it
+    out = subprocess.run([sys.executable, "-c", _NVML_PROBE], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if torch.cuda.device_count() > 0:  # with a GPU the setting stays as Lightning made it
         assert result["skipped"] is False and result["env"] == "1" and result["cuda"] is True
-        return
-    before, after = _nvml_probe("default"), _nvml_probe("skip")
-    assert before["nvml_loads"] >= 5  # one attempt per optimizer step
-    assert after == {"skipped": True, "nvml_loads": 0, "cuda": False, "env": "0"}
+    else:
+        assert result["before"] >= 5  # a try at every optimizer step
+        assert (result["skipped"], result["after"], result["cuda"], result["env"]) == (True, 0, False, "0")
