@@ -40,9 +40,10 @@ def skip_nvml_probe_without_gpu() -> bool:
     Importing Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking whether CUDA is available
     does not initialise it and fork-based DDP stays possible). With that set, ``torch.cuda.is_available()``
     tries to load ``libnvidia-ml.so.1`` on every call until CUDA is initialised, and torch's optimizers ask
-    once per ``step()``: 0.12 ms a call on this project's 2-core CPU machine, against 1.5 us without. Where no CUDA device is visible at all there is nothing to keep uninitialised, so the
-    variable is turned off and torch asks the CUDA runtime, which answers from its cache. Does nothing when a
-    GPU is visible or the variable is not set. Returns whether it was turned off.
+    once per ``step()``: 0.12 ms a call on this project's 2-core CPU machine, against 1.5 us without.
+    Where no CUDA device is visible at all there is nothing to keep uninitialised, so the variable is turned
+    off and torch asks the CUDA runtime, which answers from its cache. Does nothing when a GPU is visible or
+    the variable is not set. Returns whether it was turned off.
     """
     if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
         return False
