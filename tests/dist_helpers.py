@@ -5,6 +5,8 @@ Put into a run from the command line or a YAML config (``trainer.callbacks``) as
 
 - the identity of every sample in every batch (a hash of the image's uint8 pixels, recovered from the
   normalised batch, so augmentation must be off) per training epoch, per validation and per test;
+- per training epoch: the sum of the rank's step losses weighted by batch size, beside the epoch loss
+  Lightning hands to callbacks (``train/loss_epoch``, reduced over ranks);
 - per validation / test: the rank's own correct-prediction count, sample count and summed loss,
   computed here from the batches it saw, beside the metrics Lightning reports on that rank
   (``val/acc``, ``val/loss``, ...) once the epoch's metrics are reduced;
@@ -66,12 +68,20 @@ class RankRecorder(Callback):
     # ---- training ------------------------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record["train"].append({"epoch": trainer.current_epoch, "hashes": [], "batch_sizes": []})
+        self.record["train"].append(
+            {"epoch": trainer.current_epoch, "hashes": [], "batch_sizes": [], "loss_sum": 0.0}
+        )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         epoch = self.record["train"][-1]
         epoch["hashes"] += self._hashes(trainer, batch)
         epoch["batch_sizes"].append(len(batch[1]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.record["train"][-1]["loss_sum"] += float(outputs["loss"]) * len(batch[1])
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record["train"][-1]["loss_epoch"] = float(trainer.callback_metrics["train/loss_epoch"])
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record["weights_digest"] = weights_digest(pl_module)

@@ -42,6 +42,37 @@ def test_train_loss_steps_and_exact_epoch_mean(tmp_path) -> None:
     assert not math.isclose(weighted, sum(loss for loss, _ in record.losses) / len(record.losses), rel_tol=1e-6)
 
 
+class _EpochLosses(_Losses):
+    """Records step losses and, at each epoch end, the epoch loss Lightning hands to callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[tuple[list[tuple[float, int]], float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epochs.append((self.losses, float(trainer.callback_metrics["train/loss_epoch"])))
+        self.losses = []
+
+
+def test_epoch_loss_is_exact_over_many_steps_and_restarts_each_epoch(tmp_path) -> None:
+    seed_everything(0)
+    n_steps = 2 * _TRAIN_METRICS_EVERY + 3  # step losses reach the mean in chunks, the rest at epoch end
+    n = 4 * n_steps - 2
+    loader = DataLoader(TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))), batch_size=4,
+                        shuffle=True)  # a last batch of 2
+    model, record = ImageClassifier(10, 1, 28, arch="mlp"), _EpochLosses()
+    trainer = Trainer(max_epochs=2, logger=False, callbacks=[record], enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader)
+
+    assert len(record.epochs) == 2
+    for losses, epoch_loss in record.epochs:
+        assert len(losses) == n_steps
+        weighted = sum(loss * k for loss, k in losses) / sum(k for _, k in losses)
+        assert math.isclose(epoch_loss, weighted, rel_tol=1e-5)
+    assert not math.isclose(record.epochs[0][1], record.epochs[1][1], rel_tol=1e-3)  # the mean restarted
+
+
 def test_step_logging_off_still_logs_the_epoch_loss(tmp_path) -> None:
     loader = DataLoader(TensorDataset(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))), batch_size=8)
     model = ImageClassifier(10, 1, 28, arch="mlp")

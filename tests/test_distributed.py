@@ -6,7 +6,8 @@ only: :class:`tests.dist_helpers.RankRecorder` writes one JSON per rank; checkpo
 logs are read from disk. Checked for every run:
 
 - it completes, both ranks take the same number of steps and end with bit-identical weights;
-- validation and test metrics are the same on both ranks and equal the pooled value of the two shards;
+- validation and test metrics and the training epoch loss are the same on both ranks and equal the
+  pooled value of the two shards;
 - the in-memory loader gives the ranks disjoint shards that together cover each split exactly once;
 - the DDP checkpoint, tested in one process, gives the DDP run's own test metrics.
 """
@@ -145,6 +146,15 @@ def test_validation_loss_is_the_mean_over_all_validation_images(ddp_run) -> None
         assert a["count"] != b["count"]  # 51 / 50: the uneven case
         pooled = (a["loss_sum"] + b["loss_sum"]) / (a["count"] + b["count"])
         assert a["logged"]["val/loss"] == pytest.approx(pooled, rel=1e-5)
+
+
+def test_training_epoch_loss_is_the_mean_over_all_training_steps_of_both_ranks(ddp_run) -> None:
+    r0, r1 = ddp_run["ranks"]
+    for a, b in zip(r0["train"], r1["train"]):
+        count_a, count_b = sum(a["batch_sizes"]), sum(b["batch_sizes"])
+        assert count_a != count_b  # 206 / 205: the uneven case
+        pooled = (a["loss_sum"] + b["loss_sum"]) / (count_a + count_b)
+        assert a["loss_epoch"] == b["loss_epoch"] == pytest.approx(pooled, rel=1e-5)
 
 
 def test_in_memory_shards_are_disjoint_and_cover_each_split(ddp_run) -> None:
