@@ -56,3 +56,6 @@ def log_hparams_with_metrics(trainer: Trainer, params: Mapping[str, Any], metric
         return
     flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
     tb.log_hyperparams(flat, metrics=dict(metrics))
+    # Lightning closed the writer when fit/test ended; writing reopened it with a daemon flush thread that
+    # dies at interpreter exit, taking the queued entry with it. Closing writes it and stops the thread.
+    tb.experiment.close()

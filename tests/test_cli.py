@@ -10,7 +10,7 @@ import torch
 from project.cli import main
 from tests.conftest import REPO, run_project
 from tests.helpers import SimulatedCrash
-from tests.tb import read_run, scalars
+from tests.tb import hparams_entry, read_run, scalars
 
 LENET = str(REPO / "configs" / "mnist_lenet.yaml")
 
@@ -54,6 +54,9 @@ def test_fit_logs_everything_and_test_in_fresh_process_reproduces_it(trained_run
     fresh = _versions(tmp_path)[-1]
     assert fresh != trained_run  # a new version folder, nothing overwritten
     assert scalars(fresh)["test/acc"][-1] == pytest.approx(logged["test/acc"][-1], abs=1e-6)
+    # the HPARAMS tab's entry is written after Lightning closed the logger: it must reach the disk before exit
+    values, metrics = hparams_entry(fresh)
+    assert values["model.arch"] == "lenet5" and "hp/test_acc" in metrics
 
 
 def test_overrides_change_the_run(fake_mnist_dir, tmp_path, monkeypatch) -> None:
