@@ -77,7 +77,9 @@ class RankRecorder(Callback):
         epoch["hashes"] += self._hashes(trainer, batch)
         epoch["batch_sizes"].append(len(batch[1]))
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.record["train"][-1]["loss_sum"] += float(outputs["loss"]) * len(batch[1])
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

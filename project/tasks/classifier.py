@@ -33,7 +33,7 @@ def _stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
-_TRAIN_METRICS_EVERY = 32  # training steps whose predictions are gathered before one metrics update
+_TRAIN_METRICS_EVERY = 32  # training steps whose predictions (and losses) are gathered before one metrics update
 
 
 class StepMean(MeanMetric):
