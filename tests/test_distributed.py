@@ -1,9 +1,12 @@
 """DDP on CPU (2 gloo processes) through the real command line, alone and with each training callback.
 
 Each run is ``python -m project fit --config configs/mnist_lenet.yaml --config configs/trainer/ddp_cpu.yaml``
-in a fresh process (Lightning re-launches it for rank 1). What the ranks saw comes back through files
-only: :class:`tests.dist_helpers.RankRecorder` writes one JSON per rank; checkpoints and TensorBoard
-logs are read from disk. Checked for every run:
+in a fresh process (Lightning re-launches it for rank 1), on real MNIST images (the sample shipped in the
+package: 6,000 training images, so 79 steps per epoch and rank, and shards one image apart), with the
+progress bar on as a user has it: rank 0's bar reads the logged metrics at epoch end and the other rank's
+does not, which is what once paired different collectives across ranks. What the ranks saw comes back
+through files only: :class:`tests.dist_helpers.RankRecorder` writes one JSON per rank; checkpoints and
+TensorBoard logs are read from disk. Checked for every run:
 
 - it completes, both ranks take the same number of steps and end with bit-identical weights;
 - validation and test metrics and the training epoch loss are the same on both ranks and equal the
@@ -20,8 +23,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from project.cli import main
 from project.data.idx import read_idx
-from tests.conftest import REPO, run_project
+from project.data.mnist import SAMPLE_DIR
+from tests.conftest import REPO, SHARED_DATA, run_project
 from tests.dist_helpers import image_hash
 from tests.tb import scalars
 
@@ -32,8 +37,9 @@ pytestmark = pytest.mark.skipif(
 BASE = REPO / "configs" / "mnist_lenet.yaml"
 DDP_CPU = REPO / "configs" / "trainer" / "ddp_cpu.yaml"
 CPU = REPO / "configs" / "trainer" / "cpu.yaml"
-VAL_SIZE = 101  # odd on purpose: uneven shards (51/50 validation, 206/205 training images per rank)
+VAL_SIZE = 1001  # odd on purpose: uneven shards (501/500 validation, 2500/2499 training images per rank)
 EPOCHS = 2
+N_TRAIN, N_TEST = 6000, 1000  # the shipped sample
 
 FREEZING = {
     "class_path": "project.callbacks.freezing.FreezeSchedule",
@@ -78,7 +84,7 @@ def _common(data_dir: Path) -> list[str]:
         f"--data.data_dir={data_dir}", f"--data.val_size={VAL_SIZE}", "--data.batch_size=32",
         "--data.rotate_degrees=0", "--data.translate=0",  # the recorder recovers pixels: no augmentation
         "--model.init_args.lr_scheduler.init_args.max_lr=0.01",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.enable_model_summary=false",
         "--trainer.num_sanity_val_steps=0", "--trainer.log_every_n_steps=1",
     ]
 
@@ -89,24 +95,26 @@ def _ranks(folder: Path) -> list[dict]:
 
 
 def _split_hashes(data_dir: Path, prefix: str) -> list[str]:
-    images = read_idx(data_dir / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte").unsqueeze(1)
+    raw = data_dir / "MNIST" / "raw"
+    path = next(p for p in (raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-images-idx3-ubyte.gz") if p.is_file())
+    images = read_idx(path).unsqueeze(1)
     return [image_hash(img) for img in images]
 
 
 @pytest.fixture(scope="module", params=list(COMBOS))
-def ddp_run(request, fake_mnist_dir, tmp_path_factory) -> dict:
+def ddp_run(request, tmp_path_factory) -> dict:
     combo = request.param
     _require(combo)
     work = tmp_path_factory.mktemp(f"ddp_{combo.replace('+', '_')}")
     config = _write_callbacks(work / "callbacks.yaml", COMBOS[combo], work / "ddp_ranks")
     result = run_project(
         ["fit", f"--config={BASE}", f"--config={DDP_CPU}", f"--config={config}", f"--trainer.max_epochs={EPOCHS}",
-         *_common(fake_mnist_dir)],
+         *_common(SAMPLE_DIR)],
         cwd=work,
     )
     assert result.returncode == 0, f"{combo}: DDP fit failed\n{result.stderr[-4000:]}"
     version = work / "lightning_logs" / "mnist_lenet" / "version_0"
-    return {"combo": combo, "work": work, "version": version, "ranks": _ranks(work / "ddp_ranks"), "data": fake_mnist_dir}
+    return {"combo": combo, "work": work, "version": version, "ranks": _ranks(work / "ddp_ranks"), "data": SAMPLE_DIR}
 
 
 def test_ddp_fit_completes_with_equal_step_counts(ddp_run) -> None:
@@ -115,7 +123,8 @@ def test_ddp_fit_completes_with_equal_step_counts(ddp_run) -> None:
     ckpt_dir = ddp_run["version"] / "checkpoints"
     assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
     last = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
-    steps_per_epoch = -(-((512 - VAL_SIZE + 1) // 2) // 32)  # ceil(206 / 32): every rank gets as many batches
+    steps_per_epoch = -(-((N_TRAIN - VAL_SIZE + 1) // 2) // 32)  # ceil(2500 / 32): every rank gets as many batches
+    assert steps_per_epoch > 32  # more steps than the chunked training-metric update holds back
     assert last["global_step"] == EPOCHS * steps_per_epoch == ranks[0]["global_step"] == ranks[1]["global_step"]
 
 
@@ -143,7 +152,7 @@ def test_validation_and_test_metrics_are_synced_over_ranks(ddp_run) -> None:
 def test_validation_loss_is_the_mean_over_all_validation_images(ddp_run) -> None:
     r0, r1 = ddp_run["ranks"]
     for a, b in zip(r0["val"], r1["val"]):
-        assert a["count"] != b["count"]  # 51 / 50: the uneven case
+        assert a["count"] != b["count"]  # 501 / 500: the uneven case
         pooled = (a["loss_sum"] + b["loss_sum"]) / (a["count"] + b["count"])
         assert a["logged"]["val/loss"] == pytest.approx(pooled, rel=1e-5)
 
@@ -152,7 +161,7 @@ def test_training_epoch_loss_is_the_mean_over_all_training_steps_of_both_ranks(d
     r0, r1 = ddp_run["ranks"]
     for a, b in zip(r0["train"], r1["train"]):
         count_a, count_b = sum(a["batch_sizes"]), sum(b["batch_sizes"])
-        assert count_a != count_b  # 206 / 205: the uneven case
+        assert count_a != count_b  # 2500 / 2499: the uneven case
         pooled = (a["loss_sum"] + b["loss_sum"]) / (count_a + count_b)
         assert a["loss_epoch"] == b["loss_epoch"] == pytest.approx(pooled, rel=1e-5)
 
@@ -196,7 +205,75 @@ def test_ddp_checkpoint_tests_the_same_in_a_single_process(ddp_run) -> None:
     assert one["logged"]["test/acc"] == pytest.approx(ddp_test["logged"]["test/acc"], abs=1e-6)
     for key in ("test/f1", "test/precision", "test/recall"):
         assert one["logged"][key] == pytest.approx(ddp_test["logged"][key], abs=1e-5)
-    # equal shards (64/64): the mean over ranks of per-rank means is the mean over all test images
+    # equal shards (500/500): the mean over ranks of per-rank means is the mean over all test images
     assert one["logged"]["test/loss"] == pytest.approx(ddp_test["logged"]["test/loss"], rel=1e-4)
     if "test/acc_int8" in ddp_test["logged"]:
         assert one["logged"]["test/acc_int8"] == pytest.approx(ddp_test["logged"]["test/acc_int8"], abs=1e-6)
+
+
+# ---- every offline experiment config under DDP, on real data ------------------------------------------------
+
+def _shorten(config: dict, name: str) -> dict:
+    """The config with its callbacks' schedules moved into a 2-epoch run; everything else as shipped."""
+    for callback in config.get("trainer", {}).get("callbacks", []):
+        args = callback.setdefault("init_args", {})
+        if callback["class_path"].endswith("MagnitudePruning"):
+            args.update(start=0, end=1, amount=0.5)  # 93% after 40 steps of training leaves nothing to test
+        elif callback["class_path"].endswith("QuantizationAwareTraining"):
+            args.update(start_epoch=0, freeze_observers_epoch=1)
+    if name == "finetune/mnist_split_finetune":
+        config["model"]["init_args"]["init_from"] = None  # its pretraining run is another config
+        config["data"]["init_args"]["samples_per_class"] = None  # enough images for > 32 steps per rank
+    return config
+
+
+def _check_callback_effect(name: str, best: dict, last: dict) -> None:
+    """What each config's training callback must have left in its checkpoints."""
+    weights = {k: v for k, v in last["state_dict"].items() if k.endswith("weight")}
+    if name.startswith("prune/"):
+        zeros = sum(int((v == 0).sum()) for v in weights.values()) / sum(v.numel() for v in weights.values())
+        assert zeros > 0.4, f"pruned to 50% of the selected weights, but {zeros:.1%} of all weights are zero"
+    elif name.startswith("qat/"):
+        assert any(".activation_post_process_" in k for k in last["state_dict"]), "QAT left no fake-quant state"
+    elif name.startswith("finetune/"):  # the convs stay frozen from the first step: equal after epochs 1 and 2
+        convs = [k for k in weights if k.startswith("net.backbone.features.")]
+        assert convs and all(torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in convs)
+        assert best["epoch"] == 0, "the check above compares the epochs 1 and 2: pick another config detail"
+
+
+DDP_CONFIGS = ["quickstart", "mnist_lenet", "prune/mnist_lenet_unstructured", "qat/mnist_lenet_int8",
+               "finetune/mnist_split_finetune"]
+
+
+@pytest.mark.parametrize("name", DDP_CONFIGS)
+def test_offline_config_runs_under_ddp_on_real_data_and_its_checkpoint_tests_the_same(name, tmp_path, monkeypatch) -> None:
+    """``--config <experiment> --config configs/trainer/ddp_cpu.yaml`` as a user runs it (progress bar on),
+    2 epochs of more than 32 steps per rank on real MNIST images, then the best checkpoint in one process."""
+    import yaml
+
+    config = _shorten(yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()), name)
+    path = tmp_path / f"{name.split('/')[-1]}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    full_mnist = (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    data_dir = SHARED_DATA if name == "mnist_lenet" and full_mnist else SAMPLE_DIR  # all of MNIST where present
+    data = [] if name == "quickstart" else [f"--data.init_args.data_dir={data_dir}"]
+    if data_dir == SAMPLE_DIR and name != "quickstart":
+        data.append("--data.init_args.val_size=501")  # of 6,000: 86 steps of 32 per rank, and uneven shards
+    quick = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=40", "--trainer.limit_val_batches=5",
+             "--trainer.enable_model_summary=false", "--data.init_args.batch_size=32", *data]
+    fit = run_project(["fit", f"--config={path}", f"--config={DDP_CPU}", *quick], cwd=tmp_path)
+    assert fit.returncode == 0, f"{name}: DDP fit failed\n{fit.stderr[-4000:]}"
+    runs = tmp_path / "lightning_logs" / path.stem
+    ddp = scalars(runs / "version_0")
+    assert len(ddp["train/loss_epoch"]) == 2 and len(ddp["train/acc"]) == 2  # both epochs' synced training metrics
+    assert ddp["test/acc"][-1] > 0.3, ddp["test/acc"]  # it learned (chance is 0.1 or 0.2)
+    best = runs / "version_0" / "checkpoints" / "best.ckpt"
+    last = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 * 40
+    _check_callback_effect(name, torch.load(best, weights_only=True), last)
+    monkeypatch.chdir(tmp_path)
+    main(["test", f"--config={path}", f"--config={CPU}", f"--ckpt_path={best}", "--trainer.enable_progress_bar=false", *quick])
+    one = scalars(runs / "version_1")
+    assert one["test/acc"][-1] == pytest.approx(ddp["test/acc"][-1], abs=1e-6)
+    if "test/acc_int8" in ddp:
+        assert one["test/acc_int8"][-1] == pytest.approx(ddp["test/acc_int8"][-1], abs=1e-6)

@@ -1,6 +1,7 @@
 """``ImageClassifier``: a backbone with its head, cross-entropy, and per-stage metrics."""
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -15,6 +16,11 @@ from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
 from project.errors import UserError
 from project.models import build_network
 from project.tasks.init_weights import InitSummary, load_initial_weights
+
+
+# The training epoch's values are logged already reduced over ranks (see ImageClassifier._log_train_epoch_metrics):
+# Lightning's advice to sync them again does not apply.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('train/", category=UserWarning)
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -179,6 +185,7 @@ class ImageClassifier(LightningModule):
         self.test_loss = MeanMetric()
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self._train_batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # (preds, labels), see update_train_metrics
+        self._train_epoch_logged = False
         self.example_input_array = torch.zeros(2, in_channels, image_size, image_size)
         self.channels_last = channels_last
         self.compile_net = compile
@@ -244,7 +251,7 @@ class ImageClassifier(LightningModule):
         ``self.log`` costs Lightning about as much bookkeeping as a small model's whole step, so it is
         called only on the steps that ``trainer.log_every_n_steps`` writes (the same curve as logging
         every step). The epoch mean is a :class:`StepMean` of every step (exact under DDP and with a
-        smaller last batch), handed to ``self.log`` once per epoch in :meth:`on_train_epoch_start`.
+        smaller last batch), reduced and logged once per epoch by :meth:`_log_train_epoch_metrics`.
         """
         self.train_loss.add(loss, batch_size)
         every = self.trainer.log_every_n_steps  # 0 turns step logging off, as in Lightning
@@ -254,9 +261,12 @@ class ImageClassifier(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._train_batches.clear()  # left over only if the previous epoch was interrupted
         self.train_loss.reset()
-        # Lightning computes a logged metric object at epoch end (before any callback's on_train_epoch_end
-        # reads callback_metrics) and resets it; the training steps only update it.
-        self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self._train_epoch_logged = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loop = self.trainer.fit_loop.epoch_loop
+        if batch_idx + 1 >= self.trainer.num_training_batches or loop.batch_progress.is_last_batch:
+            self._log_train_epoch_metrics()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -273,11 +283,28 @@ class ImageClassifier(LightningModule):
         return {"pred": probs.argmax(dim=-1), "prob": probs}
 
     def on_train_epoch_end(self) -> None:
-        # training metrics are computed every step but logged once per epoch: logging metric objects
-        # at every step costs Lightning more bookkeeping than the step itself on small models
+        self._log_train_epoch_metrics()  # an epoch cut short (max_steps) had no last batch
+
+    def _log_train_epoch_metrics(self) -> None:
+        """Reduce the epoch's training loss and metrics over DDP ranks, then log them as plain numbers.
+
+        Every rank calls this at the same point (the end of its last training batch, and every rank has as
+        many batches), so the ranks' collectives pair up. What Lightning holds for the training epoch is then
+        already reduced and needs no collective of its own: Lightning computes logged metric *objects*
+        lazily, whenever results are first read, and rank 0's progress bar reads them at
+        ``on_train_epoch_end`` while the other ranks do not, so any collective of the module's own between
+        that read and the other ranks' would pair rank 0's gather with another rank's different one.
+        Runs once per epoch; the values reach callbacks' ``on_train_epoch_end`` through ``callback_metrics``.
+        """
+        if self._train_epoch_logged:
+            return
+        self._train_epoch_logged = True
         self._flush_train_metrics()
-        self.log_dict(self.train_metrics.compute())  # torchmetrics has already reduced over DDP ranks
+        metrics = {"train/loss_epoch": self.train_loss.compute(), **self.train_metrics.compute()}
+        self.train_loss.reset()
         self.train_metrics.reset()
+        for name, value in metrics.items():
+            self.log(name, value, on_step=False, on_epoch=True, prog_bar=name == "train/loss_epoch", batch_size=1)
 
     def on_test_epoch_end(self) -> None:
         confusion = self.test_confusion.compute()
