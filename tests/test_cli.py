@@ -67,6 +67,16 @@ def test_overrides_change_the_run(fake_mnist_dir, tmp_path, monkeypatch) -> None
     assert ckpt["global_step"] == (512 - 128 + 31) // 32  # one epoch of batch 32 over the 384 training images
 
 
+def test_last_checkpoint_is_rewritten_after_epochs_that_do_not_improve(fake_mnist_dir, tmp_path, monkeypatch) -> None:
+    """Monitoring the epoch number with mode min: epoch 0 stays the best, no later epoch improves on it."""
+    monkeypatch.chdir(tmp_path)
+    main(_fit_args(fake_mnist_dir, "--trainer.max_epochs=3", "--test_after_fit=false",
+                   "--checkpoint.monitor=epoch", "--checkpoint.mode=min"))
+    checkpoints = _versions(tmp_path)[-1] / "checkpoints"
+    assert torch.load(checkpoints / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
 def test_optimizer_and_scheduler_from_the_command_line(fake_mnist_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     main(_fit_args(

@@ -8,19 +8,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 class BestAndLastCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``last.ckpt`` is always the newest state.
 
-    Lightning 2.6 rewrites ``last.ckpt`` at a validation end only when a top-k checkpoint was
-    saved at the same step, so after an epoch that did not improve the monitored metric
-    ``last.ckpt`` is stale and ``--ckpt_path last`` would silently repeat epochs.
+    Lightning 2.6 rewrites ``last.ckpt`` (at a training epoch end, its default with one validation per
+    epoch, or at a validation end) only when a top-k checkpoint was saved at the same step, so after an
+    epoch that did not improve the monitored metric ``last.ckpt`` is stale and ``--ckpt_path last`` would
+    silently repeat epochs.
     """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if (
-            self.save_last
-            and not self._should_skip_saving_checkpoint(trainer)
-            and not self._should_save_on_train_epoch_end(trainer)
-            and self._last_global_step_saved != trainer.global_step
-        ):
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def _save_last_if_stale(self, trainer: Trainer) -> None:
+        # _should_skip_saving_checkpoint is also true once anything was saved at this step
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
