@@ -16,6 +16,9 @@ TensorBoard logs are read from disk. Checked for every run:
 """
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -277,3 +280,41 @@ def test_offline_config_runs_under_ddp_on_real_data_and_its_checkpoint_tests_the
     assert one["test/acc"][-1] == pytest.approx(ddp["test/acc"][-1], abs=1e-6)
     if "test/acc_int8" in ddp:
         assert one["test/acc_int8"][-1] == pytest.approx(ddp["test/acc_int8"][-1], abs=1e-6)
+
+
+# ---- two "nodes" of one process each, started by a launcher --------------------------------------------------
+
+def _launch(kind: str, node: int, port: int) -> list[str] | dict[str, str]:
+    if kind == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "project"]
+    return {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2", "SLURM_LOCALID": "0",
+            "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train",
+            "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "MASTER_PORT": str(port)}
+
+
+@pytest.mark.parametrize("kind", ["torchrun", "slurm"])
+def test_two_nodes_from_a_launcher_form_one_group_on_real_data(kind, tmp_path) -> None:
+    """The multi-node recipes of the docs, as 2 "nodes" of 1 process on this machine: torchrun on each node,
+    or the variables ``srun`` sets. Lightning launches nothing itself; both processes join one group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["fit", f"--config={REPO / 'configs' / 'quickstart.yaml'}", f"--config={DDP_CPU}", "--trainer.num_nodes=2",
+            "--trainer.devices=1", "--trainer.max_epochs=2", "--trainer.limit_train_batches=40",
+            "--trainer.enable_progress_bar=true"]
+    procs = []
+    for node in (1, 0):
+        launch = _launch(kind, node, port)
+        command = launch + args if isinstance(launch, list) else [sys.executable, "-m", "project", *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", **(launch if isinstance(launch, dict) else {})}
+        procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    rank1, rank0 = (out for out, _ in outs)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in rank0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in rank1
+    logged = scalars(tmp_path / "lightning_logs" / "quickstart" / "version_0")
+    assert len(logged["train/acc"]) == 2 and logged["test/acc"][-1] > 0.5
