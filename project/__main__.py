@@ -1,4 +1,24 @@
-from project.cli import main
+"""``python -m project SUBCOMMAND``: the one place subcommands are dispatched.
+
+``compress`` runs :mod:`project.commands.compress`; everything else (``fit``, ``validate``, ``test``,
+``predict``, ``--help``...) goes to the LightningCLI in :mod:`project.cli`.
+"""
+
+import sys
+
+COMMANDS = {"compress": "project.commands.compress"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] and args[0] in COMMANDS:
+        from importlib import import_module
+
+        return import_module(COMMANDS[args[0]]).main(args[1:])
+    from project.cli import main as cli_main
+
+    return cli_main(args)
+
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -13,11 +13,26 @@ from torch import nn
 from project.errors import UserError
 
 
+_LOADED: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on CPU, with every failure turned into a one-line UserError."""
+    """``torch.load(path, weights_only=True)`` on CPU, with every failure turned into a one-line UserError.
+
+    A command checks a checkpoint at several points: the file is read once and kept while it is unchanged.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: check the path (runs keep theirs in lightning_logs/<name>/version_N/checkpoints/)")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _LOADED:
+        _LOADED.clear()  # one checkpoint at a time is enough
+        _LOADED[key] = _read(path)
+    return _LOADED[key]
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -33,31 +48,47 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is unreadable ({first}): it is truncated or not a checkpoint") from None
 
 
-def check_checkpoint_fits(
-    path: str | Path, model: nn.Module, reshapes_channels: bool = False, prepares_qat: bool = False
-) -> None:
-    """Raise a UserError if ``path`` is unreadable or its weights' shapes differ from ``model``'s.
+class ChangesNetwork:
+    """Mixin of a callback that changes the network's shape or structure, and so says how checkpoints of its
+    runs must be checked. Shared code asks every such class; it knows none of them by name.
 
-    ``reshapes_channels``: a ChannelPruning callback in the run shrinks the network to a
-    channel-pruned checkpoint's shapes as it loads, so those shapes may differ.
-    ``prepares_qat``: a QuantizationAwareTraining callback in the run prepares the network (adds its
-    fake-quant state) before the weights load.
+    Subclasses are registered when they are defined.
+    """
+
+    registry: ClassVar[list[type["ChangesNetwork"]]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        ChangesNetwork.registry.append(cls)
+
+    @classmethod
+    def needed_for(cls, checkpoint: dict[str, Any]) -> str | None:
+        """If ``checkpoint`` loads only with this callback in the run: the one-line reason and what to do."""
+        return None
+
+    def fits_network_to(self, checkpoint: dict[str, Any]) -> bool:
+        """Whether this callback, in the run, gives the network the checkpoint's shapes as it loads."""
+        return False
+
+
+def check_checkpoint_fits(
+    path: str | Path, model: nn.Module, callbacks: list[Any] = (), head_prefix: str | None = None
+) -> None:
+    """Raise a UserError if ``path`` is unreadable or its weights do not fit ``model`` in a run with ``callbacks``.
+
+    ``head_prefix``: the state_dict prefix of the model's classification head, named in the error when only
+    the head differs (another ``num_classes``).
     """
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} has no 'state_dict': it is not a Lightning checkpoint of this project")
-    channel_pruned = any(
-        str(key).startswith("ChannelPruning") and isinstance(value, dict) and value.get("pruned")
-        for key, value in (checkpoint.get("callbacks") or {}).items()
-    )
-    if channel_pruned and reshapes_channels:
+    for cls in ChangesNetwork.registry:
+        reason = cls.needed_for(checkpoint)
+        if reason and not any(isinstance(cb, cls) for cb in callbacks):
+            raise UserError(f"checkpoint {path} {reason}")
+    if any(isinstance(cb, ChangesNetwork) and cb.fits_network_to(checkpoint) for cb in callbacks):
         return
-    if channel_pruned:
-        raise UserError(
-            f"checkpoint {path} is channel-pruned (smaller layers): run with the ChannelPruning callback of the "
-            "config that trained it, which shrinks the network to its shapes"
-        )
     own = model.state_dict()
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -66,15 +97,9 @@ def check_checkpoint_fits(
     ]
     if mismatched:
         hint = ""
-        if any(k.startswith("net.head.") for k in (m.split()[0] for m in mismatched)):
+        if head_prefix and any(m.startswith(head_prefix) for m in mismatched):
             hint = " (the head differs: the checkpoint was trained for another num_classes; use --model.init_from to fine-tune it instead)"
         raise UserError(f"checkpoint {path} does not fit the model: {'; '.join(mismatched[:3])}{hint}")
-    qat_keys = any("activation_post_process" in k for k in state)
-    if qat_keys and not prepares_qat and not any("activation_post_process" in k for k in own):
-        raise UserError(
-            f"checkpoint {path} was taken during quantization-aware training: add the "
-            "project.callbacks.QuantizationAwareTraining callback (see configs/qat/) to resume or test it"
-        )
     common = set(state) & set(own)
     if own and not common:
         raise UserError(f"checkpoint {path} shares no weights with the model: it is of another architecture")

@@ -34,8 +34,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from project.callbacks.checkpoint import BestAndLastCheckpoint
 from project.callbacks.guards import NonFiniteLossGuard
-from project.callbacks.qat import QuantizationAwareTraining
-from project.callbacks.structured_pruning import ChannelPruning
 from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError, exit_on_user_error
@@ -162,7 +160,7 @@ class ProjectCLI(LightningCLI):
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path is not None and str(ckpt_path).endswith(".pt2"):
             if self.config.subcommand != "predict":
-                raise UserError(f"{ckpt_path} is an exported int8 program: only `predict` runs it; pass a .ckpt for {self.config.subcommand}")
+                raise UserError(f"{ckpt_path} is an exported program: only `predict` runs it; pass a .ckpt for {self.config.subcommand}")
             return
         if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT:
             load_checkpoint(ckpt_path)
@@ -191,13 +189,8 @@ class ProjectCLI(LightningCLI):
         if ckpt_path == "last" and subcommand == "fit":
             kwargs["ckpt_path"] = ckpt_path = str(self._find_last_checkpoint())
         if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT and not str(ckpt_path).endswith(".pt2"):
-            callbacks = self.trainer.callbacks
-            check_checkpoint_fits(
-                ckpt_path,
-                self.model,
-                reshapes_channels=any(isinstance(cb, ChannelPruning) for cb in callbacks),
-                prepares_qat=any(isinstance(cb, QuantizationAwareTraining) for cb in callbacks),
-            )
+            head = getattr(self.model, "head_prefix", None)
+            check_checkpoint_fits(ckpt_path, self.model, self.trainer.callbacks, head_prefix=head)
         return kwargs
 
     def _check_log_dir_writable(self) -> None:
@@ -235,7 +228,8 @@ class ProjectCLI(LightningCLI):
     def predict(self, **kwargs: Any) -> None:
         """Predict on the DataModule's predict split and write ``predictions.csv`` into the run's folder.
 
-        ``--ckpt_path`` may also be an int8 program exported by QAT (``model_int8.pt2``).
+        ``--ckpt_path`` may also be a ``.pt2`` program the project exported (``model_int8.pt2``,
+        ``pruned_model.pt2``, a compress report's artifacts): it is fed the images in [0, 1].
         """
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path is not None and str(ckpt_path).endswith(".pt2"):
@@ -255,15 +249,14 @@ class ProjectCLI(LightningCLI):
         print(f"wrote {len(preds)} predictions to {path}")
 
     def _predict_with_program(self, path: Path) -> dict[str, torch.Tensor]:
-        from project.compression.quantization import predict_with_artifact
+        from project.compression.export import predict_with_program
 
         if not path.is_file():
             raise UserError(f"{path} does not exist: QAT runs write lightning_logs/<name>/version_N/model_int8.pt2")
         dm = self.datamodule
         dm.prepare_data()
         dm.setup("predict")
-        batches = (dm.transform(batch[0], train=False) for batch in dm.predict_dataloader())
-        return predict_with_artifact(path, batches, compile=False)
+        return predict_with_program(path, (batch[0] for batch in dm.predict_dataloader()))
 
     def _log_hparams(self, metrics: dict[str, float]) -> None:
         config = self._active_config
@@ -305,11 +298,6 @@ def _log_info_to_stdout() -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m project``."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["compress"]:
-        from project.compress import main as compress_main
-
-        return compress_main(argv[1:])
     _log_info_to_stdout()
     exit_on_user_error(ProjectCLI, args)
 

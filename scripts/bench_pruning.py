@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 import lightning as L  # noqa: E402
 
-from project.callbacks.pruning import MagnitudePruning  # noqa: E402
-from project.callbacks.structured_pruning import ChannelPruning  # noqa: E402
+from project.callbacks.magnitude_pruning import MagnitudePruning  # noqa: E402
+from project.callbacks.channel_pruning import ChannelPruning  # noqa: E402
 from project.compression import measure  # noqa: E402
 from project.data import MNISTDataModule  # noqa: E402
 from project.tasks import ImageClassifier, WarmupCosineLR  # noqa: E402
@@ -147,7 +147,7 @@ def main() -> None:
         "unstructured": measure.model_stats(unstructured.net, one),
         "structured": measure.model_stats(structured.net, one),
     }
-    print("\n" + measure.format_stats_table(rows))
+    print("\n" + measure.format_table(rows, measure.STATS_KEYS))
     d64, s64 = latency_pair(dense.net, structured.net, 64)
     d1, s1 = latency_pair(dense.net, structured.net, 1)
     print(f"\nlatency ({args.threads} thread(s)), ms per forward: batch 64 dense {d64:.3f} / structured {s64:.3f}"

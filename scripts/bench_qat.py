@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 from lightning import Trainer, seed_everything  # noqa: E402
 
 from project.callbacks.qat import QuantizationAwareTraining  # noqa: E402
-from project.compression import quantization as Q  # noqa: E402
-from project.compression.measure import file_size_bytes, measure_latency_ms  # noqa: E402
+from project.compression.export import as_unit_float, load_program, save_program  # noqa: E402
+from project.compression.measure import file_bytes, measure_latency_ms  # noqa: E402
 from project.data import ImageFolderDataModule, MNISTDataModule  # noqa: E402
 from project.tasks import ImageClassifier  # noqa: E402
 
@@ -53,9 +53,11 @@ def _weight_bytes(pt2: Path) -> int:
         return sum(i.file_size for i in archive.infolist() if "/data/weights/weight_" in i.filename)
 
 
-def _test_batches(dm) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _test_batches(dm) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The test split twice: normalised as the network takes it, and in [0, 1] as a shipped program takes it."""
     dm.setup("test")
-    return [(dm.transform(b[0], train=False), b[1]) for b in dm.test_dataloader()]
+    raw = list(dm.test_dataloader())
+    return [(dm.transform(b[0], train=False), b[1]) for b in raw], [(as_unit_float(b[0]), b[1]) for b in raw]
 
 
 @torch.inference_mode()
@@ -91,15 +93,15 @@ def bench_model(name: str, make_model, make_data, recipe: dict, root: Path, limi
 
     shape = (dm.in_channels, dm.image_size, dm.image_size)
     fp32_net = fp32.net.eval().to(memory_format=torch.contiguous_format)
-    fp32_path = Q.save_program(fp32_net, shape, root / f"{name}_fp32.pt2")
-    batches = _test_batches(dm)
-    int8_eager = Q.load_int8(int8_path)
-    int8 = Q.load_int8(int8_path, compile=True)
+    fp32_path = save_program(fp32_net, shape, root / f"{name}_fp32.pt2", dm.mean, dm.std)
+    batches, unit_batches = _test_batches(dm)
+    int8_eager = load_program(int8_path)
+    int8 = load_program(int8_path, compile=True)
     fp32_compiled = torch.compile(fp32_net)
 
     fp32_acc = _accuracy(fp32_net, batches)
-    int8_eager_acc = _accuracy(int8_eager, batches)
-    int8_acc = _accuracy(int8, batches)  # the artifact as deployed: compiled int8 kernels
+    int8_eager_acc = _accuracy(int8_eager, unit_batches)
+    int8_acc = _accuracy(int8, unit_batches)  # the artifact as deployed: compiled int8 kernels
     qat_fakequant_acc = _accuracy(qmodel.net.eval(), batches)
 
     x64, x1 = torch.randn(64, *shape), torch.randn(1, *shape)
@@ -114,7 +116,7 @@ def bench_model(name: str, make_model, make_data, recipe: dict, root: Path, limi
         lat[f"{label}_b1_ms"] = measure_latency_ms(lambda: fn(a1), warmup=10, repeats=100)
     for b in ("b64", "b1"):  # "fp32 eager" is the faster of the two memory formats: the stronger baseline
         lat[f"fp32_eager_{b}_ms"] = min(lat[f"fp32_eager_nchw_{b}_ms"], lat[f"fp32_eager_channels_last_{b}_ms"])
-    size_fp32, size_int8 = file_size_bytes(fp32_path), file_size_bytes(int8_path)
+    size_fp32, size_int8 = file_bytes(fp32_path)[0], file_bytes(int8_path)[0]
     result = {
         "fp32_acc": round(fp32_acc, 2),
         "int8_acc": round(int8_acc, 2),

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from project.cli import main as cli_main
-from project.compress import main as compress_main
-from project.compress import run as compress_run
+from project.commands.compress import main as compress_main
+from project.commands.compress import run as compress_run
 from project.compression import report as R
+from project.compression.export import load_program
 from project.tasks import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,27 +83,53 @@ def test_plots_are_valid_png(report: dict) -> None:
         assert image[..., :3].std() > 0  # something is drawn
 
 
-def test_artifacts_reload_in_fresh_process(report: dict) -> None:
-    """The shipped files load with torch alone (int8 after importing torchao) and predict like the report says."""
+# Run in a process that imports neither torch's project nor its DataModules: the test images are read from the
+# IDX files with the standard library, scaled to [0, 1] as the input contract says, and fed to each program.
+_FRESH = """
+import gzip, json, struct, sys, torch, torchao.quantization.pt2e
+raw = sys.argv[1]
+def idx(name):
+    data = open(raw + "/" + name, "rb").read()
+    data = gzip.decompress(data) if data[:2] == b"\\x1f\\x8b" else data
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+images = idx("t10k-images-idx3-ubyte").unsqueeze(1).float() / 255
+labels = idx("t10k-labels-idx1-ubyte").long()
+out = {}
+for path in sys.argv[2:]:
+    extra = {"input.json": ""}
+    program = torch.export.load(path, extra_files=extra)
+    with torch.no_grad():
+        pred = program.module()(images).argmax(-1)
+    out[path] = {"acc": (pred == labels).float().mean().item(), "contract": json.loads(extra["input.json"])}
+assert not any(m.startswith("project") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_artifacts_reload_in_fresh_process_on_unit_images_with_the_reported_accuracy(report: dict, fake_mnist_dir: Path) -> None:
+    """Every shipped file loads with torch alone (int8 after importing torchao), takes [0, 1] images, carries its
+    input contract, and gets the test accuracy the report gives for it."""
     folder = Path(report["folder"])
-    script = (
-        "import sys, torch, torchao.quantization.pt2e\n"
-        "for p in sys.argv[1:]:\n"
-        "    m = torch.export.load(p).module()\n"
-        "    print(tuple(m(torch.randn(3, 1, 28, 28)).shape))\n"
-    )
-    paths = [str(folder / "artifacts" / r["artifact"]) for r in report["variants"].values()
-             if r["artifact"].endswith(".pt2")]
-    assert len(paths) == 3
-    out = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=120)
+    paths = {name: str(folder / "artifacts" / r["artifact"]) for name, r in report["variants"].items()}
+    assert len(paths) == 5 and all(p.endswith(".pt2") for p in paths.values())
+    raw = str(fake_mnist_dir / "MNIST" / "raw")
+    out = subprocess.run([sys.executable, "-c", _FRESH, raw, *paths.values()], capture_output=True, text=True, timeout=300,
+                         cwd=folder, env={"PATH": "/usr/bin:/bin", "HOME": str(folder)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["(3,", "10)"] * 3
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, path in paths.items():
+        assert results[path]["acc"] == pytest.approx(report["variants"][name]["accuracy"], abs=1e-9), name
+        contract = results[path]["contract"]
+        assert contract["range"] == [0.0, 1.0] and contract["channels"] == 1 and contract["height"] == 28
+        assert contract["normalization_inside"] == {"mean": [0.1307], "std": [0.3081]}
 
 
-def test_state_dict_artifact_keeps_pruned_zeros(report: dict) -> None:
+def test_unstructured_artifact_keeps_pruned_zeros(report: dict) -> None:
     folder = Path(report["folder"])
-    state = torch.load(folder / "artifacts" / "unstructured.pt", weights_only=True)
-    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() > 1]
+    program = load_program(folder / "artifacts" / report["variants"]["unstructured"]["artifact"])
+    weights = [v for k, v in program.state_dict().items() if k.endswith("weight") and v.dim() > 1]
     zeros = sum(int((w == 0).sum()) for w in weights)
     total = sum(w.numel() for w in weights)
     assert 0.85 < zeros / total < 0.95  # 90% global sparsity of conv/linear weights

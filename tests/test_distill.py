@@ -202,7 +202,7 @@ def test_bad_teachers_are_one_line_user_errors(teacher_ckpt, tmp_path) -> None:
 
 
 def test_pruning_the_student_leaves_the_teacher_dense(teacher_ckpt) -> None:
-    from project.callbacks.pruning import MagnitudePruning
+    from project.callbacks.magnitude_pruning import MagnitudePruning
 
     model = _student(teacher_ckpt)
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}

@@ -49,7 +49,7 @@ FREEZING = {
     "init_args": {"frozen": ["net.backbone.features"], "unfreeze_at_epoch": 1, "unfreeze_lr_factor": 0.5},
 }
 PRUNING = {
-    "class_path": "project.callbacks.pruning.MagnitudePruning",
+    "class_path": "project.callbacks.magnitude_pruning.MagnitudePruning",
     "init_args": {"amount": 0.5, "start": 0, "end": 1, "frequency": 1, "unit": "epoch", "export_weights": False},
 }
 QAT = {

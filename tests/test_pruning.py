@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from project.callbacks.pruning import MagnitudePruning
-from project.callbacks.structured_pruning import ChannelPruning
+from project.callbacks.magnitude_pruning import MagnitudePruning
+from project.callbacks.channel_pruning import ChannelPruning
 from project.compression import measure
 from project.compression.sparsity import compute_masks, cubic_sparsity, schedule_points
 from project.compression.structured import apply_plan, check_structured_targets, compute_plan, zero_plan
@@ -39,6 +39,8 @@ def one_thread():
 
 class TinyData(L.LightningDataModule):
     """Learnable 10-class patterned images, already normalised, in plain DataLoaders."""
+
+    mean, std = (0.0,), (1.0,)  # what an exported program applies: nothing, the images are normalised already
 
     def __init__(self, n_train: int = 256, n_val: int = 128, batch_size: int = 32) -> None:
         super().__init__()

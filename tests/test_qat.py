@@ -20,9 +20,12 @@ pytest.importorskip("torchao")
 
 from project.callbacks.qat import QuantizationAwareTraining  # noqa: E402
 from project.compression import quantization as Q  # noqa: E402
+from project.compression.export import load_program, predict_with_program  # noqa: E402
+from project.compression.graph_mode import bn_frozen, freeze_bn  # noqa: E402
 from project.errors import UserError  # noqa: E402
 from project.models import build_network  # noqa: E402
 from project.tasks import ImageClassifier  # noqa: E402
+from tests.helpers import LoaderData  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +86,7 @@ def test_qat_trains_logs_int8_accuracy_and_exports(tmp_path):
     model = _model()
     losses, qat = _LossPerEpoch(), QuantizationAwareTraining()
     trainer = _trainer(tmp_path, [qat, losses], max_epochs=3)
-    trainer.fit(model, train, val)
+    trainer.fit(model, datamodule=LoaderData(train, val))
 
     assert isinstance(model.net, torch.fx.GraphModule)
     fqs = Q.fake_quantizers(model.net)
@@ -132,7 +135,7 @@ def test_observers_and_batchnorm_freeze_at_configured_epochs(tmp_path):
     snaps = _Snapshots()
     qat = QuantizationAwareTraining(freeze_observers_epoch=1, freeze_bn_epoch=2, evaluate_int8=False, export=False)
     trainer = _trainer(tmp_path, [qat, snaps], max_epochs=3, limit_val_batches=1)
-    trainer.fit(model, train, val)
+    trainer.fit(model, datamodule=LoaderData(train, val))
 
     def moved(epoch: int, key: str) -> bool:
         return not torch.equal(snaps.start[epoch][key], snaps.end[epoch][key])
@@ -140,7 +143,7 @@ def test_observers_and_batchnorm_freeze_at_configured_epochs(tmp_path):
     assert moved(0, "scales") and moved(0, "bn_mean") and moved(0, "conv")
     assert not moved(1, "scales") and moved(1, "bn_mean") and moved(1, "conv")  # observers frozen
     assert not moved(2, "scales") and not moved(2, "bn_mean") and moved(2, "conv")  # BN frozen too
-    assert not Q.observers_enabled(model.net) and Q.bn_frozen(model.net)
+    assert not Q.observers_enabled(model.net) and bn_frozen(model.net)
 
 
 def test_start_epoch_trains_float_first(tmp_path):
@@ -155,7 +158,7 @@ def test_start_epoch_trains_float_first(tmp_path):
             snaps.append((bool(fqs[0].fake_quant_enabled), "val/acc_int8" in trainer.callback_metrics))
 
     trainer = _trainer(tmp_path, [QuantizationAwareTraining(start_epoch=1, export=False), Probe()], max_epochs=2)
-    trainer.fit(model, train, val)
+    trainer.fit(model, datamodule=LoaderData(train, val))
     # (fake quant on, int8 logged) at the end of each epoch: the epoch-0 validation runs before this hook
     assert snaps[0] == (False, False)
     assert snaps[1][0] is True and "val/acc_int8" in trainer.callback_metrics
@@ -186,7 +189,7 @@ def test_train_eval_switches_batchnorm_and_dropout_in_the_graph():
     prepared.train()
     drop = [n for n in prepared.graph.nodes if "dropout" in str(n.target)]
     assert drop and drop[0].args[1] == 0.3 and drop[0].args[2] is True  # p kept (torchao's helper resets it)
-    Q.freeze_bn(prepared)
+    freeze_bn(prepared)
     bn = [n for n in prepared.graph.nodes if "batch_norm" in str(n.target)]
     assert bn and all(n.args[5] is False for n in bn) and drop[0].args[2] is True
 
@@ -199,7 +202,7 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
     train, val = _loaders(n=128)
     model = _model()
     qat = QuantizationAwareTraining()
-    _trainer(tmp_path, [qat], max_epochs=1).fit(model, train, val)
+    _trainer(tmp_path, [qat], max_epochs=1).fit(model, datamodule=LoaderData(train, val))
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         expected = Q.convert_copy(model.net)(x)
@@ -229,7 +232,7 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
     compiled = torch.tensor(result["compiled"])
     assert (compiled.argmax(-1) == expected.argmax(-1)).all()
     assert torch.allclose(compiled, expected, atol=0.1 * float(expected.abs().max()))
-    pred = Q.predict_with_artifact(qat.export_path, DataLoader(TensorDataset(x), batch_size=4), compile=False)
+    pred = predict_with_program(qat.export_path, x.split(4))
     assert torch.equal(pred["pred"], expected.argmax(-1))
 
 
@@ -244,7 +247,7 @@ def test_mid_qat_resume_matches_an_uninterrupted_run(tmp_path):
         ckpt = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
         qat = QuantizationAwareTraining(freeze_observers_epoch=1, export=False, evaluate_int8=False)
         trainer = _trainer(tmp_path / folder, [qat, ckpt], max_epochs=epochs, enable_checkpointing=True)
-        trainer.fit(model, train, val, ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(model, datamodule=LoaderData(train, val), ckpt_path=ckpt_path, weights_only=True)
         return model
 
     straight = fit(2, folder="straight")
@@ -265,6 +268,7 @@ import json, sys, torch
 sys.path.insert(0, {repo!r})
 from lightning import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
+from tests.helpers import LoaderData
 from tests.test_qat import _loaders, _model
 from project.callbacks.qat import QuantizationAwareTraining
 
@@ -275,7 +279,7 @@ qat = QuantizationAwareTraining()
 trainer = Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[qat],
                   logger=CSVLogger({out!r}), enable_progress_bar=False, enable_model_summary=False,
                   num_sanity_val_steps=0, enable_checkpointing=False)
-trainer.fit(model, train, val)
+trainer.fit(model, datamodule=LoaderData(train, val))
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 scales = torch.cat([b.flatten() for n, b in model.named_buffers() if n.endswith(".scale")])
 result = {{"rank": trainer.global_rank, "sum": float(flat.double().sum()), "scales": scales.tolist(),
@@ -310,10 +314,10 @@ def test_pruned_weights_stay_zero_through_qat_and_int8(tmp_path):
                 p[mask] = 0
                 masked += int(mask.sum())
     qat = QuantizationAwareTraining()
-    _trainer(tmp_path, [qat], max_epochs=1).fit(model, train, val)
+    _trainer(tmp_path, [qat], max_epochs=1).fit(model, datamodule=LoaderData(train, val))
     zeros = sum(int((p == 0).sum()) for p in model.net.parameters() if p.dim() > 1)
     assert zeros >= masked
-    int8 = Q.load_int8(qat.export_path)
+    int8 = load_program(qat.export_path)
     int8_zeros = sum(int((b == 0).sum()) for b in int8.buffers() if b.dtype == torch.int8)
     assert int8_zeros >= masked
 
@@ -354,7 +358,7 @@ def test_qat_on_prepared_or_converted_model_is_refused(tmp_path):
     trainer = _trainer(tmp_path, [QuantizationAwareTraining(), QuantizationAwareTraining()], max_epochs=1)
     train, val = _loaders(n=32)
     with pytest.raises(UserError, match="already prepared"):
-        trainer.fit(model, train, val)
+        trainer.fit(model, datamodule=LoaderData(train, val))
 
 
 def test_bad_schedule_and_old_torchao_are_one_line_errors(tmp_path, monkeypatch):
@@ -364,7 +368,7 @@ def test_bad_schedule_and_old_torchao_are_one_line_errors(tmp_path, monkeypatch)
         QuantizationAwareTraining(start_epoch=-1)
     train, val = _loaders(n=32)
     with pytest.raises(UserError, match="never run"):
-        _trainer(tmp_path, [QuantizationAwareTraining(start_epoch=3)], max_epochs=3).fit(_model(), train, val)
+        _trainer(tmp_path, [QuantizationAwareTraining(start_epoch=3)], max_epochs=3).fit(_model(), datamodule=LoaderData(train, val))
     import torchao
 
     monkeypatch.setattr(torchao, "__version__", "0.17.1")

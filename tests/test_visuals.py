@@ -9,7 +9,8 @@ from lightning import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from project.callbacks.visuals import TensorBoardViews, layer_weights, misclassified_figure, sparsity_by_layer
+from project.callbacks.visuals import TensorBoardViews, layer_weights, misclassified_figure
+from project.compression.sparsity import sparsity_of
 from project.data import MNISTDataModule
 from project.tasks.classifier import ImageClassifier
 from tests.tb import read_run, scalars
@@ -22,7 +23,9 @@ def test_layer_weights_are_conv_and_linear_weights_and_sparsity_counts_zeros() -
         net[0].weight.view(-1)[:9] = 0.0  # a quarter of the conv weights
     weights = layer_weights(net)
     assert list(weights) == ["0.weight", "3.weight"]  # no biases, no BatchNorm vectors
-    assert sparsity_by_layer(weights) == {"0.weight": 0.25, "3.weight": 0.5}
+    overall, per_layer = sparsity_of(weights.items())
+    assert per_layer == {"0.weight": 0.25, "3.weight": 0.5}
+    assert overall == pytest.approx((9 + 8) / (36 + 16))
 
 
 def test_misclassified_figure_undoes_the_normalisation_and_titles_pred_over_true() -> None:

@@ -15,8 +15,8 @@ What it does, and why it avoids what broke Lightning's old QAT callback:
   test, so evaluation data never moves the quantization ranges.
 - At validation and test an int8-converted *copy* is evaluated on the same batches and
   ``val/acc_int8`` / ``test/acc_int8`` are logged; the training model is never converted.
-- At the end of fit the converted model is written to ``<log_dir>/model_int8.pt2``
-  (see :func:`project.compression.quantization.load_int8`).
+- At the end of fit the converted model is written to ``<log_dir>/model_int8.pt2``, a program taking
+  [0, 1] images (see :mod:`project.compression.export`).
 - Weights that are exactly zero when training starts (e.g. after pruning) are kept at zero.
 """
 
@@ -30,12 +30,15 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from project.compression import quantization as Q
+from project.callbacks._task import input_normalization, input_shape, save_program
 from project.callbacks.checkpoint import restart_best_checkpoint_tracking
+from project.checkpoints import ChangesNetwork
+from project.compression import quantization as Q
+from project.compression.graph_mode import freeze_bn
 from project.errors import UserError
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(Callback, ChangesNetwork):
     """Quantization-aware training to int8 (x86 CPU backend) of the task's ``net``.
 
     Args:
@@ -90,6 +93,17 @@ class QuantizationAwareTraining(Callback):
         self._counts = torch.zeros(2, dtype=torch.long)
         self._paused_observers: list[bool] = []
 
+    # ---- checkpoints of QAT runs -------------------------------------------------------------------
+
+    @classmethod
+    def needed_for(cls, checkpoint: dict[str, Any]) -> str | None:
+        if any(".activation_post_process" in k for k in checkpoint.get("state_dict", {})):  # fake-quant state
+            return (
+                "was taken during quantization-aware training: add the "
+                "project.callbacks.QuantizationAwareTraining callback (see configs/qat/) to resume or test it"
+            )
+        return None
+
     # ---- preparing the model ---------------------------------------------------------------------
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -107,7 +121,9 @@ class QuantizationAwareTraining(Callback):
                 f"QAT start_epoch ({self.start_epoch}) is not below trainer.max_epochs ({epochs}): "
                 "QAT would never run; lower start_epoch or raise max_epochs"
             )
-        self._input_shape = _input_shape(pl_module)
+        if stage == "fit" and self.export:
+            input_normalization(trainer)  # the exported program will need it: fail before training, not after
+        self._input_shape = input_shape(pl_module)
         prepared = Q.prepare_qat(net, self._input_shape)
         pl_module.net = prepared
         self._prepared = prepared
@@ -137,7 +153,7 @@ class QuantizationAwareTraining(Callback):
         Q.set_fake_quant(net, active)
         observing = active and (self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch)
         Q.set_observers(net, observing)
-        Q.freeze_bn(net, self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch)
+        freeze_bn(net, self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -215,20 +231,6 @@ class QuantizationAwareTraining(Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         self.export_path = folder / self.export_name
         if trainer.is_global_zero:
-            Q.export_int8(Q.convert_copy(net), self._input_shape, self.export_path)
+            save_program(trainer, pl_module, Q.convert_copy(net), str(self.export_path))
             rank_zero_info(f"QAT: wrote the int8 model to {self.export_path}")
         trainer.strategy.barrier("qat_export")
-
-
-def _input_shape(pl_module: LightningModule) -> tuple[int, ...]:
-    """``(C, H, W)`` of one input, from the module's ``example_input_array`` or its hparams."""
-    example = getattr(pl_module, "example_input_array", None)
-    if isinstance(example, torch.Tensor) and example.dim() >= 2:
-        return tuple(example.shape[1:])
-    hp = getattr(pl_module, "hparams", {})
-    if "in_channels" in hp and "image_size" in hp:
-        return (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
-    raise UserError(
-        f"QAT needs the input shape: give {type(pl_module).__name__} an example_input_array or "
-        "in_channels/image_size hyperparameters"
-    )

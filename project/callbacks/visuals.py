@@ -17,6 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
+from project.compression.sparsity import sparsity_of
 from project.reporting import tensorboard_logger
 
 
@@ -27,11 +28,6 @@ def layer_weights(net: nn.Module) -> dict[str, torch.Tensor]:
     (exported graphs keep the parameter names but not the layer classes).
     """
     return {name: p.detach() for name, p in net.named_parameters() if p.dim() >= 2 and p.is_floating_point()}
-
-
-def sparsity_by_layer(weights: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Fraction of exact zeros in each tensor."""
-    return {name: float((w == 0).sum()) / max(1, w.numel()) for name, w in weights.items()}
 
 
 def sparsity_figure(sparsity: dict[str, float]) -> Any:
@@ -126,12 +122,10 @@ class TensorBoardViews(Callback):
             for name, w in weights.items():
                 tb.experiment.add_histogram(f"weights/{name}", w.float().cpu(), global_step=step)
         if self.sparsity:
-            per_layer = sparsity_by_layer(weights)
+            overall, per_layer = sparsity_of(weights.items())
             for name, value in per_layer.items():
                 tb.experiment.add_scalar(f"sparsity/{name}", value, global_step=step)
-            zeros = sum(float((w == 0).sum()) for w in weights.values())
-            total = sum(w.numel() for w in weights.values())
-            tb.experiment.add_scalar("sparsity/global", zeros / total, global_step=step)
+            tb.experiment.add_scalar("sparsity/global", overall, global_step=step)
             tb.experiment.add_figure("sparsity/per_layer", sparsity_figure(per_layer), global_step=step)
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

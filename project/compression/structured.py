@@ -11,7 +11,6 @@ resumed or re-tested run rebuilds the pruned shapes before Lightning loads the w
 """
 
 import copy
-import os
 from collections.abc import Sequence
 
 import torch
@@ -160,21 +159,3 @@ def shrink_to_state_dict(
             graph.get_pruning_group(root, _out_fn(graph, root), list(range(want, have))).prune()
             changed = True
     return changed
-
-
-def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> None:
-    """Save ``model`` (eval mode, dynamic batch size) as a ``torch.export`` program.
-
-    The ``.pt2`` holds the graph and the pruned weights: ``torch.export.load(path).module()``
-    rebuilds it in any process with only torch installed, no project code, no pickles.
-    ``example_input`` should be a small fresh tensor: the file keeps its storage.
-    """
-    frozen = copy.deepcopy(model).eval()
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(frozen, (example_input,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, path)
-
-
-def load_pt2(path: str | os.PathLike) -> nn.Module:
-    """Load a model saved by :func:`export_pt2` (a ``torch.fx.GraphModule``, already in eval mode)."""
-    return torch.export.load(path).module()

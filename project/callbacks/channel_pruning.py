@@ -1,9 +1,9 @@
 """``ChannelPruning``: remove whole filters/channels with torch-pruning, fine-tune the smaller dense model.
 
 The pruned network really is smaller: fewer parameters, fewer MACs, faster on CPU. It is
-saved at the end of fit as ``<log_dir>/pruned_model.pt2`` (``torch.export``), which loads
-with ``torch.export.load(path).module()`` in a process that has only torch: no project code,
-no pickled classes. The Lightning checkpoints hold the pruning *plan* in the callback state;
+saved at the end of fit as ``<log_dir>/pruned_model.pt2`` (``torch.export``, taking [0, 1] images),
+which loads with ``torch.export.load(path).module()`` in a process that has only torch: no project
+code, no pickled classes. The Lightning checkpoints hold the pruning *plan* in the callback state;
 with this callback configured, ``--ckpt_path`` (resume, test) first shrinks the network to
 the checkpoint's shapes (``shrink_to_state_dict``), then loads the weights.
 """
@@ -16,28 +16,30 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from project.callbacks.pruning import (
+from project.callbacks._task import (
     check_not_quantized,
     example_input,
+    input_normalization,
     network_of,
     network_prefix,
     print_table,
+    save_program,
     stats,
 )
 from project.callbacks.checkpoint import restart_best_checkpoint_tracking
+from project.checkpoints import ChangesNetwork
 from project.compression.sparsity import check_sparsity, select_modules
 from project.compression.structured import (
     Plan,
     apply_plan,
     check_structured_targets,
     compute_plan,
-    export_pt2,
     shrink_to_state_dict,
 )
 from project.errors import UserError
 
 
-class ChannelPruning(Callback):
+class ChannelPruning(Callback, ChangesNetwork):
     """Remove the output channels of conv/linear layers with the smallest L1 or L2 norm.
 
     Pruning happens once, at the start of epoch ``epoch``. With ``epoch: 0`` (the usual case,
@@ -104,6 +106,23 @@ class ChannelPruning(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(amount=self.amount, include=self.include, exclude=self.exclude)
 
+    @classmethod
+    def needed_for(cls, checkpoint: dict[str, Any]) -> str | None:
+        if cls._pruned_in(checkpoint):
+            return (
+                "is channel-pruned (smaller layers): run with the ChannelPruning callback of the config that"
+                " trained it, which shrinks the network to its shapes"
+            )
+        return None
+
+    def fits_network_to(self, checkpoint: dict[str, Any]) -> bool:
+        return self._pruned_in(checkpoint)  # the load hook shrinks the network to the checkpoint's shapes
+
+    @classmethod
+    def _pruned_in(cls, checkpoint: dict[str, Any]) -> bool:
+        states = (checkpoint.get("callbacks") or {}).items()
+        return any(key.startswith(cls.__qualname__) and isinstance(s, dict) and s.get("pruned") for key, s in states)
+
     def _select(self, pl_module: LightningModule) -> list[str]:
         """Names (inside the network) of the layers to prune; the head is never one of them."""
         net, prefix = network_of(pl_module), network_prefix(pl_module)
@@ -157,6 +176,8 @@ class ChannelPruning(Callback):
             self._hook = pl_module.register_load_state_dict_pre_hook(self._fit_checkpoint_shapes)
         if stage != "fit" or self.pruned:  # e.g. the test that follows fit, on the same model
             return
+        if self.export:
+            input_normalization(trainer)  # the exported program will need it: fail before training, not after
         if self.epoch > 0 and trainer.world_size > 1:
             raise UserError(
                 "channel pruning with epoch > 0 runs on one device only: use epoch: 0 (prune before training,"
@@ -186,8 +207,8 @@ class ChannelPruning(Callback):
         if self.export and self.pruned and log_dir and not trainer.fast_dev_run:
             os.makedirs(log_dir, exist_ok=True)
             path = os.path.join(log_dir, "pruned_model.pt2")
-            export_pt2(network_of(pl_module), example_input(pl_module, batch=2), path)
-            rank_zero_info(f"pruned model written to {path} (torch.export.load(path).module() loads it)")
+            save_program(trainer, pl_module, copy.deepcopy(network_of(pl_module)).cpu().eval(), path)
+            rank_zero_info(f"pruned model written to {path} (torch.export.load(path).module() loads it; it takes [0, 1] images)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"plan": list(self.plan), "pruned": self.pruned, "before": self.before}

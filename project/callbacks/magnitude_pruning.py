@@ -15,10 +15,10 @@ from typing import Any, Literal
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 
+
+from project.callbacks._task import check_not_quantized, network_of, network_prefix, print_table, stats
 from project.callbacks.checkpoint import restart_best_checkpoint_tracking
-from project.compression.measure import format_stats_table, model_stats
 from project.compression.sparsity import (
     apply_masks,
     check_sparsity,
@@ -31,47 +31,6 @@ from project.compression.sparsity import (
     sparsity_of,
 )
 from project.errors import UserError
-
-
-def network_of(pl_module: LightningModule) -> nn.Module:
-    """The plain network inside the task (``pl_module.net``), or the module itself."""
-    net = getattr(pl_module, "net", None)
-    return net if isinstance(net, nn.Module) else pl_module
-
-
-def network_prefix(pl_module: LightningModule) -> str:
-    """Prefix of the network's names inside the task's ``state_dict`` (``"net."``)."""
-    return "net." if network_of(pl_module) is not pl_module else ""
-
-
-def example_input(pl_module: LightningModule, batch: int = 1) -> torch.Tensor:
-    """A fresh random input shaped like the task's ``example_input_array`` (never a data slice)."""
-    sample = getattr(pl_module, "example_input_array", None)
-    if not isinstance(sample, torch.Tensor):
-        raise UserError(f"{type(pl_module).__name__} has no example_input_array tensor: pruning needs one to trace it")
-    return torch.randn(batch, *sample.shape[1:], device=pl_module.device)
-
-
-def stats(pl_module: LightningModule) -> dict[str, float]:
-    """:func:`model_stats` of the task's network on a one-image input (MACs "n/a" if they cannot be counted)."""
-    net = network_of(pl_module)
-    if isinstance(net, torch.fx.GraphModule):  # e.g. QAT's traced network: no conv/linear modules to count
-        return model_stats(net)
-    return model_stats(net, example_input(pl_module))
-
-
-def check_not_quantized(pl_module: LightningModule, who: str) -> None:
-    """Pruning callbacks must see the plain network: QAT replaces it by a traced GraphModule."""
-    if isinstance(network_of(pl_module), torch.fx.GraphModule):
-        raise UserError(
-            f"{who} found an already traced/quantized network: list it before QuantizationAwareTraining"
-            " in trainer.callbacks so it sets up first"
-        )
-
-
-def print_table(title: str, before: dict[str, float] | None, after: dict[str, float]) -> None:
-    rows = {"before": before, "after": after} if before else {"after": after}
-    print(f"\n{title}\n{format_stats_table(rows)}\n", flush=True)
 
 
 class MagnitudePruning(Callback):

@@ -1,14 +1,15 @@
-"""``python -m project.compress``: from a trained checkpoint to a compression report in one command.
+"""``python -m project compress``: from a trained checkpoint to a compression report in one command.
 
-    python -m project.compress --config configs/mnist_lenet.yaml \\
+    python -m project compress --config configs/mnist_lenet.yaml \\
         --ckpt lightning_logs/mnist_lenet/version_0/checkpoints/best.ckpt \\
         --data.data_dir ../shared/data
 
 Builds the variants ``fp32`` (the checkpoint as is), ``unstructured``, ``structured``, ``int8`` and
 ``pruned_int8``: each but fp32 starts from the checkpoint (``init_from``) and is fine-tuned for
-``--finetune-epochs`` with the callbacks of its variant config (``configs/compress/<variant>.yaml``,
-added after ``--config``). Each is saved as the file a user would ship, loaded back and measured
-the same way (:mod:`project.compression.report`). ``report.md``, ``report.json`` and the plots go to
+``--finetune-epochs`` with the callbacks of its variant config (``<variant>.yaml`` of ``--variant-dir``,
+by default the package's own ``project/commands/compress_variants/``, added after ``--config``). Each is
+saved as the ``.pt2`` program a user would ship (taking [0, 1] images), loaded back and measured the same
+way (:mod:`project.compression.report`). ``report.md``, ``report.json`` and the plots go to
 a new ``<out>/compress/version_N/`` folder, beside the artifacts (``artifacts/``) and the
 fine-tuning runs' logs (``finetune/<variant>/``).
 
@@ -19,9 +20,10 @@ run, as to ``python -m project fit``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
-import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,16 @@ import torch
 from project.errors import UserError, exit_on_user_error
 
 VARIANTS = ("fp32", "unstructured", "structured", "int8", "pruned_int8")
-DEFAULT_VARIANT_DIR = Path(__file__).resolve().parents[1] / "configs" / "compress"
+
+
+@contextlib.contextmanager
+def variant_dir(folder: str | None):
+    """The folder of ``<variant>.yaml`` configs: ``folder``, or the package's own (a real path while open)."""
+    if folder is not None:
+        yield Path(folder)
+        return
+    with resources.as_file(resources.files("project.commands") / "compress_variants") as path:
+        yield Path(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs of each variant")
     parser.add_argument(
-        "--variant-dir", default=str(DEFAULT_VARIANT_DIR), help="folder with <variant>.yaml callback configs"
+        "--variant-dir", default=None,
+        help="folder with <variant>.yaml callback configs (default: the package's project/commands/compress_variants/)",
     )
     parser.add_argument("--out", default="lightning_logs", help="the report goes to OUT/NAME/version_N/")
     parser.add_argument("--name", default="compress", help="see --out")
@@ -87,9 +99,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         raise UserError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
     if not Path(args.config).is_file():
         raise UserError(f"config {args.config} does not exist: pass the config the checkpoint was trained with")
-    for v in args.variants:
-        if v != "fp32" and not (Path(args.variant_dir) / f"{v}.yaml").is_file():
-            raise UserError(f"variant config {Path(args.variant_dir) / f'{v}.yaml'} does not exist: check --variant-dir")
+    with variant_dir(args.variant_dir) as folder:
+        for v in args.variants:
+            if v != "fp32" and not (folder / f"{v}.yaml").is_file():
+                raise UserError(f"variant config {folder / f'{v}.yaml'} does not exist: check --variant-dir")
     return args, extra
 
 
@@ -118,22 +131,29 @@ def check_checkpoint(ckpt: str, cli: Any) -> None:
 
 
 def load_test_split(datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole test split, normalized as the model sees it."""
+    """The whole test split as float32 images in [0, 1] (what every shipped program takes) and labels."""
+    from project.compression.export import as_unit_float
+
     datamodule.prepare_data()
     datamodule.setup("test")
     images, labels = [], []
     for batch in datamodule.test_dataloader():
-        images.append(datamodule.transform(batch[0], train=False))
-        labels.append(batch[1])
-    return torch.cat(images).cpu(), torch.cat(labels).cpu()
+        images.append(as_unit_float(batch[0]).cpu())
+        labels.append(batch[1].cpu())
+    return torch.cat(images), torch.cat(labels)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Build, fine-tune, save and measure every variant; write the report. Returns ``report.json``'s content."""
-    from project.compression import report as R
-    from project.models import build_network
-
     args, extra = parse_args(argv)
+    with variant_dir(args.variant_dir) as folder:
+        return _run(args, extra, folder)
+
+
+def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> dict[str, Any]:
+    from project.compression import report as R
+    from project.compression.export import load_program, save_artifact
+
     common = [f"--config={args.config}", *extra]
     base = _cli([*common, "--trainer.logger=false"])  # never fits: gives the fp32 network and the test split
     check_checkpoint(args.ckpt, base)
@@ -141,11 +161,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     _log(f"compress: report folder {folder}")
     hp = base.model.hparams
     input_shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
-
-    def build_dense() -> torch.nn.Module:
-        return build_network(hp["arch"], hp["num_classes"], hp["in_channels"], hp["image_size"], **(hp.get("arch_kwargs") or {}))
-
-    dense = build_dense()
+    mean, std = base.datamodule.mean, base.datamodule.std
     _log("compress: loading the test split")
     images, labels = load_test_split(base.datamodule)
 
@@ -165,7 +181,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             cli = _cli(
                 [
                     *common,
-                    f"--config={Path(args.variant_dir) / f'{variant}.yaml'}",
+                    f"--config={variants_folder / f'{variant}.yaml'}",
                     f"--model.init_args.init_from={args.ckpt}",
                     f"--trainer.max_epochs={args.finetune_epochs}",
                     f"--trainer.logger.init_args.save_dir={folder / 'finetune'}",
@@ -177,7 +193,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 raise UserError(f"fine-tuning of {variant} was interrupted: no report written")
             net = cli.model.net
         net = net.cpu()
-        artifacts[variant] = R.save_artifact(net, dense, input_shape, folder / "artifacts", variant)
+        artifacts[variant] = save_artifact(net, input_shape, folder / "artifacts", variant, mean, std)
         seconds[variant] = time.perf_counter() - start
         _log(f"[{i}/{len(todo)}] {variant}: saved {artifacts[variant]} ({seconds[variant]:.0f} s)")
 
@@ -188,8 +204,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         for i, variant in enumerate(todo, start=1):
             _log(f"[{i}/{len(todo)}] measuring {variant} from {artifacts[variant].name}")
-            model = R.load_artifact(artifacts[variant], build_dense)
-            results[variant] = R.measure(
+            model = load_program(artifacts[variant])
+            results[variant] = R.measure_variant(
                 model, artifacts[variant], images, labels, args.batch_sizes, args.warmup, args.repeats,
                 compile=args.compile == "all", log=_log,
             )

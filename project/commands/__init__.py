@@ -1,0 +1,1 @@
+"""Subcommands beside Lightning's (``python -m project compress``); each module has a ``main(argv)``."""
