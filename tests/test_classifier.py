@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from project.tasks import ImageClassifier
-from project.tasks.classifier import _TRAIN_METRICS_EVERY, _stage_metrics
+from project.tasks.metrics import TRAIN_METRICS_EVERY, stage_metrics
 
 
 class _Losses(Callback):
@@ -56,7 +56,7 @@ class _EpochLosses(_Losses):
 
 def test_epoch_loss_is_exact_over_many_steps_and_restarts_each_epoch(tmp_path) -> None:
     seed_everything(0)
-    n_steps = 2 * _TRAIN_METRICS_EVERY + 3  # step losses reach the mean in chunks, the rest at epoch end
+    n_steps = 2 * TRAIN_METRICS_EVERY + 3  # step losses reach the mean in chunks, the rest at epoch end
     n = 4 * n_steps - 2
     loader = DataLoader(TensorDataset(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))), batch_size=4,
                         shuffle=True)  # a last batch of 2
@@ -85,7 +85,7 @@ def test_step_logging_off_still_logs_the_epoch_loss(tmp_path) -> None:
 
 def test_train_metrics_cover_every_prediction_of_the_epoch(tmp_path, monkeypatch) -> None:
     seed_everything(0)
-    n_steps = 2 * _TRAIN_METRICS_EVERY + 3  # predictions reach torchmetrics in chunks and at epoch end
+    n_steps = 2 * TRAIN_METRICS_EVERY + 3  # predictions reach torchmetrics in chunks and at epoch end
     data = TensorDataset(torch.randn(4 * n_steps - 2, 1, 28, 28), torch.randint(0, 10, (4 * n_steps - 2,)))
     loader = DataLoader(data, batch_size=4, shuffle=True)  # a last batch of 2
     model = ImageClassifier(10, 1, 28, arch="mlp")
@@ -105,7 +105,7 @@ def test_train_metrics_cover_every_prediction_of_the_epoch(tmp_path, monkeypatch
         logged = [r for r in csv.DictReader(f) if r.get("train/acc")]
     assert len(seen) == 2 * n_steps and len(logged) == 2
     for epoch in (0, 1):
-        expected = _stage_metrics(10, "train/")
+        expected = stage_metrics(10, "train/")
         for e, logits, labels in seen:
             if e == epoch:
                 expected.update(logits, labels)

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -34,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from project.errors import UserError
+from project.tasks.optim import LR_KEYS
 
-_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group LR values of optimizers and torch schedules
 
 
 @dataclass
@@ -197,7 +196,7 @@ class FreezeSchedule(BaseFinetuning):
         first = optimizer.param_groups[0]
         ratio = (phase.lr / base if phase.lr is not None else phase.lr_factor or 1.0) / first.get("lr_factor", 1.0)
         group = {k: v for k, v in first.items() if k not in ("params", "name", "lr_factor")}
-        for key in _LR_KEYS:
+        for key in LR_KEYS:
             if key in group:
                 group[key] = group[key] * ratio
         optimizer.add_param_group({**group, "params": params, "name": f"phase{self.phases.index(phase)}"})

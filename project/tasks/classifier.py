@@ -10,106 +10,18 @@ from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
-from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from project.errors import UserError
 from project.models import build_network
 from project.tasks.init_weights import InitSummary, load_initial_weights
+from project.tasks.metrics import TRAIN_METRICS_EVERY, StepMean, stage_metrics
+from project.tasks.optim import apply_lr_factors, default_optimizer, scheduler_class
 
 
 # The training epoch's values are logged already reduced over ranks (see ImageClassifier._log_train_epoch_metrics):
 # Lightning's advice to sync them again does not apply.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('train/", category=UserWarning)
-
-
-def _default_optimizer(params: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-
-
-def _stage_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "precision": MulticlassPrecision(num_classes, average="macro"),
-            "recall": MulticlassRecall(num_classes, average="macro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-        },
-        prefix=prefix,
-    )
-
-
-_TRAIN_METRICS_EVERY = 32  # training steps whose predictions (and losses) are gathered before one metrics update
-
-
-class StepMean(MeanMetric):
-    """A weighted ``MeanMetric`` fed one value per training step, whose per-step cost is a list append.
-
-    ``MeanMetric.update`` costs about 70 us on a CPU (a NaN check, broadcasting; a host sync on a GPU),
-    which is 0.4% of a LeNet-5 step. :meth:`add` keeps the step's value, and every ``_TRAIN_METRICS_EVERY``
-    steps one ``update`` folds them in. So does every ``compute``, before torchmetrics syncs DDP ranks:
-    whoever reads the mean, at whatever hook, sees every step added so far.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._pending: list[tuple[torch.Tensor, int]] = []
-
-    def add(self, value: torch.Tensor, weight: int) -> None:
-        """Add one step's scalar ``value`` (detached here) with ``weight`` (its batch size)."""
-        self._pending.append((value.detach(), weight))
-        if len(self._pending) >= _TRAIN_METRICS_EVERY:
-            self.fold()
-
-    def fold(self) -> None:
-        """Update the mean with the values added since the last fold."""
-        if self._pending:
-            values, weights = zip(*self._pending)
-            self._pending = []
-            values = torch.stack(values).float()
-            self.update(values, weight=torch.tensor(weights, dtype=values.dtype, device=values.device))
-
-    def _wrap_compute(self, compute: Any) -> Any:
-        wrapped = super()._wrap_compute(compute)
-
-        def fold_then_compute(*args: Any, **kwargs: Any) -> Any:
-            self.fold()
-            return wrapped(*args, **kwargs)
-
-        return fold_then_compute
-
-    def reset(self) -> None:
-        self._pending = []
-        super().reset()
-
-
-_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # per-group LR values that optimizers and torch schedules keep
-
-
-def _apply_lr_factors(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Scale the LRs of groups that carry an ``lr_factor``, after the schedule has read the base LR.
-
-    Scaling after the scheduler is built makes every schedule (``LambdaLR``'s ``base_lrs``,
-    ``OneCycleLR``'s per-group ``max_lr``...) run at the factor, not only at its first step.
-    """
-    for i, group in enumerate(optimizer.param_groups):
-        factor = group.get("lr_factor", 1.0)
-        if factor == 1.0:
-            continue
-        for key in _LR_KEYS:
-            if key in group:
-                group[key] = group[key] * factor
-        for attr in ("base_lrs", "_last_lr"):
-            values = getattr(scheduler, attr, None)
-            if isinstance(values, list) and i < len(values):
-                values[i] = values[i] * factor
-
-
-def _scheduler_class(factory: Any) -> Any:
-    """The class an LR-scheduler factory builds (jsonargparse passes a partial holding the class)."""
-    if inspect.isclass(factory):
-        return factory
-    return next((a for a in reversed(getattr(factory, "args", ())) if inspect.isclass(a)), factory)
 
 
 class ImageClassifier(LightningModule):
@@ -143,6 +55,8 @@ class ImageClassifier(LightningModule):
             The first steps are slow while it compiles.
     """
 
+    head_prefix = "net.head."  # the classification head's names in the state_dict
+
     def __init__(
         self,
         num_classes: int,
@@ -151,7 +65,7 @@ class ImageClassifier(LightningModule):
         arch: str = "lenet5",
         arch_kwargs: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         init_from: str | None = None,
         reset_head: bool = False,
@@ -175,9 +89,9 @@ class ImageClassifier(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.label_smoothing = label_smoothing
-        self.train_metrics = _stage_metrics(num_classes, "train/")
-        self.val_metrics = _stage_metrics(num_classes, "val/")
-        self.test_metrics = _stage_metrics(num_classes, "test/")
+        self.train_metrics = stage_metrics(num_classes, "train/")
+        self.val_metrics = stage_metrics(num_classes, "val/")
+        self.test_metrics = stage_metrics(num_classes, "test/")
         # Epoch losses as torchmetrics means: their float sums sync exactly under DDP (self.log's sync_dist
         # floors its integer sample count when the ranks hold unequal shards, Lightning #21859).
         self.train_loss = StepMean()
@@ -232,11 +146,11 @@ class ImageClassifier(LightningModule):
         """Collect a training batch's predicted classes for ``train_metrics``.
 
         Updating the four torchmetrics objects at every step costs as much as Lightning's own per-step loop
-        on a small CPU model, so the predictions are gathered and handed to them every ``_TRAIN_METRICS_EVERY`` steps and at epoch end:
+        on a small CPU model, so the predictions are gathered and handed to them every ``TRAIN_METRICS_EVERY`` steps and at epoch end:
         the same epoch values, with bounded memory.
         """
         self._train_batches.append((logits.detach().argmax(dim=-1), labels))
-        if len(self._train_batches) >= _TRAIN_METRICS_EVERY:
+        if len(self._train_batches) >= TRAIN_METRICS_EVERY:
             self._flush_train_metrics()
 
     def _flush_train_metrics(self) -> None:
@@ -339,14 +253,14 @@ class ImageClassifier(LightningModule):
         except ValueError as err:  # torch's own checks: negative lr, betas out of range, ...
             raise UserError(f"the optimizer rejected its arguments ({err}): fix model.init_args.optimizer") from None
         if self.lr_scheduler is None:
-            _apply_lr_factors(optimizer, None)
+            apply_lr_factors(optimizer, None)
             return optimizer
         kwargs = {}
-        steps_per_batch = "total_steps" in inspect.signature(_scheduler_class(self.lr_scheduler)).parameters
+        steps_per_batch = "total_steps" in inspect.signature(scheduler_class(self.lr_scheduler)).parameters
         if steps_per_batch and getattr(self.lr_scheduler, "keywords", {}).get("total_steps") is None:
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_scheduler(optimizer, **kwargs)
-        _apply_lr_factors(optimizer, scheduler)
+        apply_lr_factors(optimizer, scheduler)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step" if steps_per_batch else "epoch"},
