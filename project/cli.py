@@ -17,7 +17,6 @@ A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
 """
 
 import csv
-import logging
 import os
 import re
 import shutil
@@ -38,7 +37,7 @@ from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError, exit_on_user_error
 from project.reporting import log_hparams_with_metrics
-from project.runtime import keep_freed_memory, skip_nvml_probe_without_gpu
+from project.runtime import keep_freed_memory, log_info_to_stdout, skip_nvml_probe_without_gpu
 from project.tasks import ImageClassifier
 
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
@@ -279,26 +278,9 @@ def _hp_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-class _NoAdverts(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-def _log_info_to_stdout() -> None:
-    """Lightning's progress and info lines go to stdout, so stderr carries only warnings and errors."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
-                logger.removeHandler(handler)
-                out = logging.StreamHandler(sys.stdout)
-                out.addFilter(_NoAdverts())
-                logger.addHandler(out)
-
-
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``python -m project``."""
-    _log_info_to_stdout()
+    log_info_to_stdout()
     exit_on_user_error(ProjectCLI, args)
 
 

@@ -1,6 +1,7 @@
 """Process-wide settings that the CLI applies before it builds anything."""
 
 import ctypes
+import logging
 import os
 import sys
 
@@ -53,3 +54,20 @@ def skip_nvml_probe_without_gpu() -> bool:
         return False
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     return True
+
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def log_info_to_stdout() -> None:
+    """Lightning's progress and info lines go to stdout, so stderr carries only warnings and errors."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                logger.removeHandler(handler)
+                out = logging.StreamHandler(sys.stdout)
+                out.addFilter(_NoAdverts())
+                logger.addHandler(out)
