@@ -1,8 +1,10 @@
 """The data package: splits, loaders, DDP sharding, augmentation, file readers and their errors."""
 
 import gzip
+import inspect
 import os
 import pickle
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,8 +12,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
+import project.data
 from project.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -20,13 +24,16 @@ from project.data import (
     MNISTDataModule,
     MNISTSampleDataModule,
 )
+from project.cli import main as cli_main
 from project.data import augment as aug
-from project.data.base import split_indices
+from project.data.base import InMemoryDataModule, split_indices
 from project.data.idx import read_idx, write_idx
 from project.errors import UserError
 from tests import fakes
+from tests.conftest import REPO
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+LENET = str(REPO / "configs" / "mnist_lenet.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -516,3 +523,120 @@ def test_cifar_download_failure_is_a_one_line_user_error(tmp_path: Path, monkeyp
     with pytest.raises(UserError, match=r"CIFAR-100 not found .*could not be downloaded \(OSError: \[Errno -3\]"):
         CIFAR100DataModule(data_dir=str(tmp_path)).prepare_data()
     assert calls and calls[0][0].endswith("cifar-100-python.tar.gz") and calls[0][2]  # torchvision's URL and md5
+
+
+# ---------------------------------------------------------------- arguments: declared once, each dataset's defaults
+
+_SHARED_DEFAULTS = dict(batch_size=128, val_size=5000, seed=0, eval_batch_size=None, drop_last=False, crop_padding=0,
+                        horizontal_flip=False, rotate_degrees=0.0, translate=0.0, scale=None, mean=None, std=None)
+_REQUIRED = object()
+# Every argument of every DataModule with its default, in --help order: the dataset's own arguments first.
+DEFAULTS = {
+    "MNISTDataModule": dict(data_dir="data", download=True, classes=None, samples_per_class=None,
+                            **{**_SHARED_DEFAULTS, "mean": [0.1307], "std": [0.3081]}),
+    "MNISTSampleDataModule": dict(classes=None, samples_per_class=None,
+                                  **{**_SHARED_DEFAULTS, "val_size": 500, "mean": [0.1307], "std": [0.3081]}),
+    "CIFAR10DataModule": dict(data_dir="data", download=True,
+                              **{**_SHARED_DEFAULTS, "batch_size": 256, "crop_padding": 4, "horizontal_flip": True,
+                                 "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}),
+    "CIFAR100DataModule": dict(data_dir="data", download=True,
+                               **{**_SHARED_DEFAULTS, "batch_size": 256, "crop_padding": 4, "horizontal_flip": True,
+                                  "mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762]}),
+    "ImageFolderDataModule": dict(data_dir=_REQUIRED, image_size=32, channels=3, in_memory=False, num_workers=2,
+                                  **{**_SHARED_DEFAULTS, "val_size": 0.1}),
+}
+
+
+def _as_help_shows(value) -> str:
+    if value is _REQUIRED:
+        return "required"
+    if value is None:
+        return "null"
+    return str(tuple(value)) if isinstance(value, list) else str(value)
+
+
+def help_options(text: str) -> dict[str, tuple[str, str]]:
+    """The ``--data.X`` options of a ``--data.help`` page, in order: name -> (description, default as shown)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("  --data.")]
+    options = {}
+    for start, end in zip(starts, [*starts[1:], len(lines)]):
+        spec, _, first = lines[start].strip().partition("  ")  # the description may start on the option's line
+        block = " ".join([first, *(line.strip() for line in lines[start + 1 : end])]).strip()
+        match = re.fullmatch(r"(.*?)\s*\((required, )?type: (.*?)(?:, default: (.*))?\)", block)
+        assert match, f"unexpected help entry: {lines[start:end]}"
+        name = re.match(r"--data\.(\w+)", spec).group(1)
+        options[name] = (match.group(1), "required" if match.group(2) else match.group(4))
+    return options
+
+
+@pytest.mark.parametrize("name", list(DEFAULTS))
+def test_cli_help_lists_every_option_documented_with_the_datasets_default(name, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", f"--config={LENET}", "--data.help", f"project.data.{name}"])
+    assert exit_info.value.code == 0
+    options = help_options(capsys.readouterr().out)
+    assert list(options) == list(DEFAULTS[name])  # every option, no other, the dataset's own first
+    for option, (description, shown) in options.items():
+        assert len(description.split()) >= 3, f"--data.{option} is not documented"
+        assert shown == _as_help_shows(DEFAULTS[name][option]), f"--data.{option}"
+
+
+@pytest.mark.parametrize("name", list(DEFAULTS))
+def test_print_config_shows_the_datasets_defaults_and_round_trips(
+    name, folder_dir, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    required = [f"--data.data_dir={folder_dir}"] if name == "ImageFolderDataModule" else []
+    with pytest.raises(SystemExit):
+        cli_main(["fit", f"--data=project.data.{name}", *required, "--print_config"])
+    printed = capsys.readouterr().out
+    data = yaml.safe_load(printed)["data"]
+    expected = {k: str(folder_dir) if v is _REQUIRED else v for k, v in DEFAULTS[name].items()}
+    assert data == {"class_path": f"project.data.{name}", "init_args": expected}
+    assert list(data["init_args"]) == list(expected)
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config=printed.yaml", "--print_config"])
+    assert capsys.readouterr().out == printed
+    # The printed arguments build the DataModule, whose hparams are those arguments again.
+    dm = getattr(project.data, name)(**data["init_args"])
+    assert dict(dm.hparams) == expected
+    assert dict(type(dm)(**dm.hparams).hparams) == expected
+
+
+def test_subclasses_say_only_what_differs() -> None:
+    for path in {inspect.getsourcefile(getattr(project.data, name)) for name in DEFAULTS}:  # base.py declares them
+        declared = [arg for arg in _SHARED_DEFAULTS if re.search(rf"\b{arg}: ", Path(path).read_text())]
+        assert declared == [], f"{path} declares {declared} again"
+    assert list(inspect.signature(MNISTSampleDataModule).parameters)[:2] == ["classes", "samples_per_class"]
+    with pytest.raises(TypeError, match=r"name no inherited argument: \['val_sise'\]"):
+        type("Typo", (MNISTDataModule,), {"arg_defaults": {"val_sise": 10}})
+    with pytest.raises(TypeError, match="pass the shared arguments on with \\*\\*kwargs"):
+        type("NoKwargs", (InMemoryDataModule,), {"__init__": lambda self, data_dir="x": None})
+
+
+def test_own_arguments_stay_positional_and_mean_std_follow_the_channels(mnist_dir: Path, folder_dir: Path) -> None:
+    dm = MNISTDataModule(str(mnist_dir), False, val_size=10, mean=None, std=None)
+    assert (dm.data_dir, dm.download, dm.mean, dm.std) == (mnist_dir, False, (0.5,), (0.5,))
+    assert ImageFolderDataModule(str(folder_dir), 16, 1).mean == (0.5,)
+    with pytest.raises(UserError, match="mean/std have 3 values but the images have 1 channels"):
+        MNISTDataModule(mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0))
+    with pytest.raises(UserError, match=r"mean \[0.1\] and std \[1.0, 1.0\] need one value per channel"):
+        CIFAR10DataModule(mean=(0.1,), std=(1.0, 1.0))
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_image_folder_paths_share_the_loader_contract(folder_dir: Path, in_memory: bool) -> None:
+    dm = ImageFolderDataModule(data_dir=str(folder_dir), image_size=8, val_size=0, batch_size=4, num_workers=0,
+                               in_memory=in_memory)
+    with pytest.raises(RuntimeError, match="call setup"):
+        dm.train_dataloader()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, InMemoryLoader if in_memory else torch.utils.data.DataLoader)
+    assert dm.val_dataloader() == []  # val_size 0: no validation on either path
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.uint8
+    assert (dm._train is not None) == in_memory  # only the in-memory path holds the decoded split

@@ -5,7 +5,8 @@ the training device, after Lightning moved the batch) turns them into float, aug
 when the trainer is training, and normalises them with the dataset's mean and std.
 """
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from lightning import LightningDataModule
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from project.data import augment as aug
 from project.data.loader import InMemoryLoader
+from project.data.signature import complete_init
 from project.errors import UserError
 
 Split = tuple[Tensor, Tensor]
@@ -38,11 +40,19 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Ten
 class InMemoryDataModule(LightningDataModule):
     """Base for datasets held in memory as uint8 tensors; subclasses implement :meth:`_load`.
 
+    The arguments below are shared by every DataModule here and documented only here. A subclass
+    takes its own arguments and passes these on with ``**kwargs``; its ``arg_defaults`` give them
+    the dataset's defaults, which ``--data.help`` and ``--print_config`` show (see
+    :mod:`project.data.signature`). It also defines ``num_classes``, ``in_channels`` and
+    ``image_size`` (class attributes or properties, known before ``setup``; the CLI links them
+    into the model), ``in_channels`` already when it calls ``super().__init__``.
+
     Args:
         batch_size: Training batch size (per process under DDP).
         val_size: Training images held out for validation: a count, or a fraction in [0, 1);
             0 disables validation. The split is drawn with ``seed`` and never changes.
-        seed: Seed of the validation split and of the shuffle (the epoch is added to it).
+        seed: Seed of the validation split, of any subset the dataset draws before it, and of
+            the shuffle (the epoch is added to it).
         eval_batch_size: Batch size for validation, test and predict; defaults to ``batch_size``.
         drop_last: Drop the incomplete last training batch.
         crop_padding: Random-crop augmentation: zero-pad by this many pixels, crop back at a
@@ -51,9 +61,22 @@ class InMemoryDataModule(LightningDataModule):
         rotate_degrees: Random rotation in [-rotate_degrees, rotate_degrees] (0 = off).
         translate: Random shift of up to this fraction of the image size (0 = off).
         scale: Random zoom factor range ``[low, high]`` (None = off).
-        mean: Per-channel mean of the pixels in [0, 1], subtracted after augmentation.
-        std: Per-channel standard deviation of the pixels in [0, 1].
+        mean: Per-channel mean of the pixels in [0, 1], subtracted after augmentation;
+            None = 0.5 for every channel.
+        std: Per-channel standard deviation of the pixels in [0, 1]; None = 0.5 for every channel.
     """
+
+    #: New defaults of the arguments above, per dataset (see :mod:`project.data.signature`).
+    arg_defaults: ClassVar[dict[str, Any]] = {}
+    #: Inherited arguments a subclass pins and hides from its signature.
+    fixed_args: ClassVar[dict[str, Any]] = {}
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        complete_init(cls)
 
     def __init__(
         self,
@@ -67,8 +90,8 @@ class InMemoryDataModule(LightningDataModule):
         rotate_degrees: float = 0.0,
         translate: float = 0.0,
         scale: tuple[float, float] | None = None,
-        mean: tuple[float, ...] = (0.5,),
-        std: tuple[float, ...] = (0.5,),
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -80,8 +103,15 @@ class InMemoryDataModule(LightningDataModule):
             )
         if scale is not None and not 0 < scale[0] <= scale[1]:
             raise UserError(f"scale must be [low, high] with 0 < low <= high, got {list(scale)}")
+        mean = (0.5,) * self.in_channels if mean is None else mean
+        std = (0.5,) * self.in_channels if std is None else std
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise UserError(f"mean {list(mean)} and std {list(std)} need one value per channel, std > 0")
+        if len(mean) != self.in_channels:
+            raise UserError(
+                f"mean/std have {len(mean)} values but the images have {self.in_channels} channels:"
+                " give one value per channel"
+            )
         self.batch_size = batch_size
         self.val_size = val_size
         self.seed = seed
@@ -94,35 +124,10 @@ class InMemoryDataModule(LightningDataModule):
         self.scale = tuple(scale) if scale is not None else None
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self._num_classes = 0
-        self._in_channels = len(self.mean)
-        self._image_size = 0
         self._train: Split | None = None
         self._val: Split | None = None
         self._test: Split | None = None
         self._device_splits: dict[str, Split] = {}
-
-    # --- what the model needs to know before setup (the CLI links these) ---
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def in_channels(self) -> int:
-        return self._in_channels
-
-    @property
-    def image_size(self) -> int:
-        return self._image_size
-
-    def _check_channels(self) -> None:
-        """Subclasses call this once ``_in_channels`` is known."""
-        if len(self.mean) != self._in_channels:
-            raise UserError(
-                f"mean/std have {len(self.mean)} values but the images have {self._in_channels} channels:"
-                " give one value per channel"
-            )
 
     # --- loading ---
 
@@ -153,8 +158,10 @@ class InMemoryDataModule(LightningDataModule):
             self._device_splits[name] = (split[0].to(device), split[1].to(device))
         return self._device_splits[name]
 
-    def _loader(self, name: str, train: bool) -> InMemoryLoader:
+    def _loader(self, name: str, train: bool) -> InMemoryLoader | list:
         images, labels = self._split(name)
+        if name == "val" and len(labels) == 0:
+            return []  # val_size 0: no validation
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         loader = InMemoryLoader(
@@ -175,18 +182,18 @@ class InMemoryDataModule(LightningDataModule):
             )
         return loader
 
-    def train_dataloader(self) -> InMemoryLoader:
+    # Every loader goes through _loader, the one place a subclass with other loaders hooks in.
+
+    def train_dataloader(self) -> Iterable:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> InMemoryLoader | list:
-        if self._val is not None and len(self._val[1]) == 0:
-            return []  # val_size 0: no validation
+    def val_dataloader(self) -> Iterable:
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> InMemoryLoader:
+    def test_dataloader(self) -> Iterable:
         return self._loader("test", train=False)
 
-    def predict_dataloader(self) -> InMemoryLoader:
+    def predict_dataloader(self) -> Iterable:
         return self._loader("test", train=False)
 
     # --- on the device: augment (training only) and normalise ---

@@ -1,6 +1,7 @@
 """``ImageFolderDataModule``: your own images in ``train/<class>/*`` and ``test/<class>/*`` folders."""
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,11 +72,72 @@ class ImageFiles(Dataset):
             return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), label, str(err)
 
 
+def decode_all(items: list[Item], channels: int, size: int, num_workers: int, what: str, show: bool) -> Split:
+    """Every image of ``items`` as one uint8 ``[N, channels, size, size]`` tensor, and the labels."""
+    from tqdm import tqdm
+
+    dataset = ImageFiles(items, channels, size, errors_as_values=True)
+    workers = num_workers if len(items) >= 1000 else 0  # starting workers costs more than tiny sets
+    loader = DataLoader(dataset, batch_size=512, num_workers=workers)
+    images, labels = [], []
+    progress = tqdm(loader, desc=f"decoding {what} images", disable=not (show and len(items) >= 1000), mininterval=2.0)
+    for batch_images, batch_labels, errors in progress:
+        if bad := [e for e in errors if e]:
+            raise UserError(bad[0])
+        images.append(batch_images)
+        labels.append(batch_labels)
+    return torch.cat(images), torch.cat(labels).long()
+
+
+class StreamingSplits:
+    """The ``in_memory=False`` path of an :class:`ImageFolderDataModule`: its splits as Datasets of
+    files, decoded image by image in DataLoader workers.
+
+    The loaders yield the same uint8 batches as the in-memory path; the DataModule's
+    ``on_after_batch_transfer`` augments and normalises both alike.
+    """
+
+    def __init__(self, dm: "ImageFolderDataModule") -> None:
+        self.dm = dm
+        self.datasets: dict[str, ImageFiles] = {}
+
+    def _files(self, items: list[Item]) -> ImageFiles:
+        return ImageFiles(items, self.dm.channels, self.dm.image_size)
+
+    def setup(self, stage: str | None) -> None:
+        """Index what ``stage`` needs, once; the validation split is the in-memory path's."""
+        dm = self.dm
+        if stage in (None, "fit", "validate") and "train" not in self.datasets:
+            train_idx, val_idx = split_indices(len(dm.train_items), dm.val_size, dm.seed)
+            for name, index in (("train", train_idx), ("val", val_idx)):
+                self.datasets[name] = self._files([dm.train_items[i] for i in index])
+        if stage in (None, "test", "predict") and "test" not in self.datasets:
+            self.datasets["test"] = self._files(dm.test_items())
+
+    def loader(self, name: str, train: bool) -> DataLoader | list:
+        if name not in self.datasets:
+            raise RuntimeError(f"call setup() before asking for the {name} dataloader")
+        if name == "val" and len(self.datasets[name]) == 0:
+            return []  # val_size 0: no validation
+        dm = self.dm
+        return DataLoader(
+            self.datasets[name],
+            batch_size=dm.batch_size if train else dm.eval_batch_size,
+            shuffle=train,
+            drop_last=dm.drop_last and train,
+            num_workers=dm.num_workers,
+            persistent_workers=dm.num_workers > 0,
+            generator=torch.Generator().manual_seed(dm.seed) if train else None,
+        )
+
+
 class ImageFolderDataModule(InMemoryDataModule):
     """Images in ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*`` (jpg, png, gif, webp).
 
     Classes are the sorted folder names of ``train/``; images are resized to
-    ``image_size`` x ``image_size``. Files with other suffixes are ignored.
+    ``image_size`` x ``image_size``. Files with other suffixes are ignored. The batch, split,
+    augmentation and normalisation arguments are those of
+    :class:`~project.data.base.InMemoryDataModule`; ``val_size`` is a tenth of ``train/``.
 
     Args:
         data_dir: Folder with ``train/`` and ``test/``, each holding one folder per class.
@@ -84,20 +146,9 @@ class ImageFolderDataModule(InMemoryDataModule):
         in_memory: Decode every image once into memory and train from there (fast for small
             images such as a CIFAR-10 JPEG folder); otherwise decode on the fly in workers.
         num_workers: DataLoader worker processes for decoding.
-        batch_size: Training batch size (per process under DDP).
-        val_size: Training images held out for validation: a count, or a fraction in [0, 1);
-            0 disables validation.
-        seed: Seed of the validation split and the shuffle.
-        eval_batch_size: Batch size for validation, test and predict; defaults to ``batch_size``.
-        drop_last: Drop the incomplete last training batch.
-        crop_padding: Random-crop augmentation padding in pixels (0 = off).
-        horizontal_flip: Random left-right flips with probability 0.5.
-        rotate_degrees: Random rotation range in degrees (0 = off).
-        translate: Random shift as a fraction of the image size (0 = off).
-        scale: Random zoom range ``[low, high]`` (None = off).
-        mean: Per-channel pixel mean in [0, 1]; None = 0.5 for every channel.
-        std: Per-channel pixel standard deviation in [0, 1]; None = 0.5 for every channel.
     """
+
+    arg_defaults = {"val_size": 0.1}
 
     def __init__(
         self,
@@ -106,125 +157,60 @@ class ImageFolderDataModule(InMemoryDataModule):
         channels: int = 3,
         in_memory: bool = False,
         num_workers: int = 2,
-        batch_size: int = 128,
-        val_size: int | float = 0.1,
-        seed: int = 0,
-        eval_batch_size: int | None = None,
-        drop_last: bool = False,
-        crop_padding: int = 0,
-        horizontal_flip: bool = False,
-        rotate_degrees: float = 0.0,
-        translate: float = 0.0,
-        scale: tuple[float, float] | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
+        **kwargs: Any,
     ) -> None:
         if channels not in (1, 3):
             raise UserError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if image_size < 1 or num_workers < 0:
             raise UserError(f"need image_size >= 1 and num_workers >= 0, got {image_size} and {num_workers}")
-        super().__init__(
-            batch_size=batch_size,
-            val_size=val_size,
-            seed=seed,
-            eval_batch_size=eval_batch_size,
-            drop_last=drop_last,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            rotate_degrees=rotate_degrees,
-            translate=translate,
-            scale=scale,
-            mean=mean if mean is not None else (0.5,) * channels,
-            std=std if std is not None else (0.5,) * channels,
-        )
         self.data_dir = Path(data_dir)
-        self.channels, self.in_memory, self.num_workers = channels, in_memory, num_workers
-        self._in_channels, self._image_size = channels, image_size
-        self._check_channels()
+        self.image_size, self.channels, self.in_memory, self.num_workers = image_size, channels, in_memory, num_workers
         train_dir = self.data_dir / "train"
         if not train_dir.is_dir():
             raise UserError(f"{train_dir.resolve()} not found: data_dir needs train/<class>/ and test/<class>/ folders")
         self.class_names = list_classes(train_dir)
         if not self.class_names:
             raise UserError(f"{train_dir.resolve()} has no class folders: put each class's images in train/<class>/")
-        self._train_items = list_images(train_dir, self.class_names)
-        self._num_classes = len(self.class_names)
+        self.train_items = list_images(train_dir, self.class_names)
         test_dir = self.data_dir / "test"
         if test_dir.is_dir() and (test_classes := list_classes(test_dir)) != self.class_names:
             raise UserError(
                 f"test/ classes {test_classes} differ from train/ classes {self.class_names}:"
                 " give both the same class folders"
             )
-        self._datasets: dict[str, ImageFiles] = {}
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
+        self._streaming = None if in_memory else StreamingSplits(self)
 
-    def _test_items(self) -> list[Item]:
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels
+
+    def test_items(self) -> list[Item]:
         test_dir = self.data_dir / "test"
         if not test_dir.is_dir():
             raise UserError(f"{test_dir.resolve()} not found: add test/<class>/ folders to test or predict")
         return list_images(test_dir, self.class_names)
 
-    # --- in memory: decode everything once, then the base class's fast path ---
-
-    def _decode_all(self, items: list[Item], what: str) -> Split:
-        from tqdm import tqdm
-
-        dataset = ImageFiles(items, self.channels, self.image_size, errors_as_values=True)
-        workers = self.num_workers if len(items) >= 1000 else 0  # starting workers costs more than tiny sets
-        loader = DataLoader(dataset, batch_size=512, num_workers=workers)
-        images, labels = [], []
-        show = len(items) >= 1000 and (self.trainer is None or self.trainer.is_global_zero)
-        progress = tqdm(loader, desc=f"decoding {what} images", disable=not show, mininterval=2.0)
-        for batch_images, batch_labels, errors in progress:
-            if bad := [e for e in errors if e]:
-                raise UserError(bad[0])
-            images.append(batch_images)
-            labels.append(batch_labels)
-        return torch.cat(images), torch.cat(labels).long()
-
-    def _load(self, train: bool) -> Split:
-        if train:
-            return self._decode_all(self._train_items, "train")
-        return self._decode_all(self._test_items(), "test")
-
-    # --- streaming: per-image decoding in DataLoader workers ---
+    # --- one of two paths, chosen by in_memory ---
 
     def setup(self, stage: str | None = None) -> None:
-        if self.in_memory:
-            super().setup(stage)
-            return
-        if stage in (None, "fit", "validate") and "train" not in self._datasets:
-            train_idx, val_idx = split_indices(len(self._train_items), self.val_size, self.seed)
-            for name, index in (("train", train_idx), ("val", val_idx)):
-                self._datasets[name] = ImageFiles([self._train_items[i] for i in index], self.channels, self.image_size)
-        if stage in (None, "test", "predict") and "test" not in self._datasets:
-            self._datasets["test"] = ImageFiles(self._test_items(), self.channels, self.image_size)
+        if self._streaming is None:
+            super().setup(stage)  # the base class's uint8 fast path, loading through _load
+        else:
+            self._streaming.setup(stage)
 
-    def _dataloader(self, name: str, train: bool) -> DataLoader:
-        if name not in self._datasets:
-            raise RuntimeError(f"call setup() before asking for the {name} dataloader")
-        return DataLoader(
-            self._datasets[name],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=self.drop_last and train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-        )
+    def _loader(self, name: str, train: bool) -> InMemoryLoader | DataLoader | list:
+        if self._streaming is None:
+            return super()._loader(name, train)
+        return self._streaming.loader(name, train)
 
-    def train_dataloader(self) -> InMemoryLoader | DataLoader:
-        return super().train_dataloader() if self.in_memory else self._dataloader("train", train=True)
+    # --- in memory: decode everything once ---
 
-    def val_dataloader(self) -> InMemoryLoader | DataLoader | list:
-        if self.in_memory:
-            return super().val_dataloader()
-        if "val" in self._datasets and len(self._datasets["val"]) == 0:
-            return []  # val_size 0: no validation
-        return self._dataloader("val", train=False)
-
-    def test_dataloader(self) -> InMemoryLoader | DataLoader:
-        return super().test_dataloader() if self.in_memory else self._dataloader("test", train=False)
-
-    def predict_dataloader(self) -> InMemoryLoader | DataLoader:
-        return super().predict_dataloader() if self.in_memory else self._dataloader("test", train=False)
+    def _load(self, train: bool) -> Split:
+        items = self.train_items if train else self.test_items()
+        show = self.trainer is None or self.trainer.is_global_zero
+        return decode_all(items, self.channels, self.image_size, self.num_workers, "train" if train else "test", show)

@@ -1,6 +1,7 @@
 """MNIST: the full dataset (downloaded by torchvision when missing) and the small sample shipped here."""
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,6 +31,9 @@ def find_raw_file(raw_dir: Path, name: str) -> Path | None:
 class MNISTDataModule(InMemoryDataModule):
     """MNIST handwritten digits, 1x28x28, held in memory (on the GPU when training there).
 
+    The batch, split, augmentation and normalisation arguments are those of
+    :class:`~project.data.base.InMemoryDataModule`, with MNIST's mean and std as defaults.
+
     Args:
         data_dir: Folder holding ``MNIST/raw/`` with the four IDX files (torchvision's layout,
             plain or ``.gz``); downloaded there when missing and ``download`` is true.
@@ -38,20 +42,11 @@ class MNISTDataModule(InMemoryDataModule):
             (e.g. ``[3, 8]`` makes a binary 3-vs-8 task); None keeps all ten.
         samples_per_class: Keep this many training images per class, drawn with ``seed`` before
             the validation split (few-shot experiments); None keeps all.
-        batch_size: Training batch size (per process under DDP).
-        val_size: Training images held out for validation: a count, or a fraction in [0, 1);
-            0 disables validation.
-        seed: Seed of the subset, the validation split and the shuffle.
-        eval_batch_size: Batch size for validation, test and predict; defaults to ``batch_size``.
-        drop_last: Drop the incomplete last training batch.
-        crop_padding: Random-crop augmentation padding in pixels (0 = off).
-        horizontal_flip: Random left-right flips (wrong for digits; off by default).
-        rotate_degrees: Random rotation range in degrees (0 = off).
-        translate: Random shift as a fraction of the image size (0 = off).
-        scale: Random zoom range ``[low, high]`` (None = off).
-        mean: Pixel mean in [0, 1] for normalisation.
-        std: Pixel standard deviation in [0, 1] for normalisation.
     """
+
+    arg_defaults = {"mean": (0.1307,), "std": (0.3081,)}
+    in_channels = 1
+    image_size = 28
 
     def __init__(
         self,
@@ -59,33 +54,8 @@ class MNISTDataModule(InMemoryDataModule):
         download: bool = True,
         classes: list[int] | None = None,
         samples_per_class: int | None = None,
-        batch_size: int = 128,
-        val_size: int | float = 5000,
-        seed: int = 0,
-        eval_batch_size: int | None = None,
-        drop_last: bool = False,
-        crop_padding: int = 0,
-        horizontal_flip: bool = False,
-        rotate_degrees: float = 0.0,
-        translate: float = 0.0,
-        scale: tuple[float, float] | None = None,
-        mean: tuple[float, ...] = (0.1307,),
-        std: tuple[float, ...] = (0.3081,),
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_size=val_size,
-            seed=seed,
-            eval_batch_size=eval_batch_size,
-            drop_last=drop_last,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            rotate_degrees=rotate_degrees,
-            translate=translate,
-            scale=scale,
-            mean=mean,
-            std=std,
-        )
         if classes is not None:
             classes = [int(c) for c in classes]
             if not classes or len(set(classes)) != len(classes) or not all(0 <= c <= 9 for c in classes):
@@ -96,11 +66,11 @@ class MNISTDataModule(InMemoryDataModule):
         self.download = download
         self.classes = classes
         self.samples_per_class = samples_per_class
-        self._num_classes = len(classes) if classes is not None else 10
-        self._in_channels = 1
-        self._image_size = 28
-        self._check_channels()
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes is not None else 10
 
     @property
     def raw_dir(self) -> Path:
@@ -168,60 +138,12 @@ class MNISTDataModule(InMemoryDataModule):
 class MNISTSampleDataModule(MNISTDataModule):
     """A class-balanced real MNIST sample shipped with the package (6,000 train / 1,000 test): works offline.
 
-    MNIST by Yann LeCun, Corinna Cortes and Christopher J.C. Burges, CC BY-SA 3.0.
-
-    Args:
-        classes: Keep only these digits, relabelled 0..k-1 in the order given; None keeps all ten.
-        samples_per_class: Keep this many training images per class (drawn with ``seed``).
-        batch_size: Training batch size (per process under DDP).
-        val_size: Training images held out for validation: a count, or a fraction in [0, 1).
-        seed: Seed of the subset, the validation split and the shuffle.
-        eval_batch_size: Batch size for validation, test and predict; defaults to ``batch_size``.
-        drop_last: Drop the incomplete last training batch.
-        crop_padding: Random-crop augmentation padding in pixels (0 = off).
-        horizontal_flip: Random left-right flips (off by default).
-        rotate_degrees: Random rotation range in degrees (0 = off).
-        translate: Random shift as a fraction of the image size (0 = off).
-        scale: Random zoom range ``[low, high]`` (None = off).
-        mean: Pixel mean in [0, 1] for normalisation.
-        std: Pixel standard deviation in [0, 1] for normalisation.
+    MNIST by Yann LeCun, Corinna Cortes and Christopher J.C. Burges, CC BY-SA 3.0. The arguments
+    are those of :class:`MNISTDataModule` but ``data_dir`` and ``download``; ``val_size`` is 500.
     """
 
-    def __init__(
-        self,
-        classes: list[int] | None = None,
-        samples_per_class: int | None = None,
-        batch_size: int = 128,
-        val_size: int | float = 500,
-        seed: int = 0,
-        eval_batch_size: int | None = None,
-        drop_last: bool = False,
-        crop_padding: int = 0,
-        horizontal_flip: bool = False,
-        rotate_degrees: float = 0.0,
-        translate: float = 0.0,
-        scale: tuple[float, float] | None = None,
-        mean: tuple[float, ...] = (0.1307,),
-        std: tuple[float, ...] = (0.3081,),
-    ) -> None:
-        super().__init__(
-            data_dir=str(SAMPLE_DIR),
-            download=False,
-            classes=classes,
-            samples_per_class=samples_per_class,
-            batch_size=batch_size,
-            val_size=val_size,
-            seed=seed,
-            eval_batch_size=eval_batch_size,
-            drop_last=drop_last,
-            crop_padding=crop_padding,
-            horizontal_flip=horizontal_flip,
-            rotate_degrees=rotate_degrees,
-            translate=translate,
-            scale=scale,
-            mean=mean,
-            std=std,
-        )
+    arg_defaults = {"val_size": 500}
+    fixed_args = {"data_dir": str(SAMPLE_DIR), "download": False}
 
     def _not_found(self, reason: str) -> UserError:
         return UserError(
