@@ -152,7 +152,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> dict[str, Any]:
     from project.compression import report as R
-    from project.compression.export import load_program, save_artifact
+    from project.compression.export import load_program
 
     common = [f"--config={args.config}", *extra]
     base = _cli([*common, "--trainer.logger=false"])  # never fits: gives the fp32 network and the test split
@@ -193,7 +193,7 @@ def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> d
                 raise UserError(f"fine-tuning of {variant} was interrupted: no report written")
             net = cli.model.net
         net = net.cpu()
-        artifacts[variant] = save_artifact(net, input_shape, folder / "artifacts", variant, mean, std)
+        artifacts[variant] = R.save_artifact(net, input_shape, folder / "artifacts", variant, mean, std)
         seconds[variant] = time.perf_counter() - start
         _log(f"[{i}/{len(todo)}] {variant}: saved {artifacts[variant]} ({seconds[variant]:.0f} s)")
 

@@ -14,7 +14,6 @@ Formats, chosen by the file's suffix:
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -184,16 +183,3 @@ def predict_with_program(path: str | Path, batches: Iterable[torch.Tensor], comp
         raise UserError("no images to predict on: check the predict data")
     prob = torch.cat(probs)
     return {"pred": prob.argmax(dim=-1), "prob": prob}
-
-
-def save_artifact(
-    net: nn.Module, input_shape: Sequence[int], folder: Path, name: str, mean: Sequence[float], std: Sequence[float]
-) -> Path:
-    """Write ``net`` as the file a user would ship: ``<folder>/<name>.pt2``, int8 when it was prepared for QAT."""
-    from project.compression import quantization as Q
-
-    if Q.fake_quantizers(net):
-        net = Q.convert_copy(net)
-    else:
-        net = copy.deepcopy(net).cpu().eval()
-    return save_program(net, input_shape, folder / f"{name}.pt2", mean, std)

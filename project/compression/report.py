@@ -11,6 +11,7 @@ Writes ``report.json``, ``report.md``, ``accuracy_vs_size.png`` and ``accuracy_v
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -21,10 +22,22 @@ import torch
 from torch import nn
 
 from project.compression import measure as M
-from project.compression.export import CompiledProgram
+from project.compression import quantization as Q
+from project.compression.export import CompiledProgram, save_program
 
 #: The report's columns before the latencies, in table order.
 KEYS = ["accuracy", "params", "nonzero", "macs", "file_bytes", "gzip_bytes"]
+
+
+def save_artifact(
+    net: nn.Module, input_shape: Sequence[int], folder: Path, name: str, mean: Sequence[float], std: Sequence[float]
+) -> Path:
+    """Write ``net`` as the file a user would ship: ``<folder>/<name>.pt2``, int8 when it was prepared for QAT."""
+    if Q.fake_quantizers(net):
+        net = Q.convert_copy(net)
+    else:
+        net = copy.deepcopy(net).cpu().eval()
+    return save_program(net, input_shape, folder / f"{name}.pt2", mean, std)
 
 
 def measure_variant(
