@@ -17,6 +17,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from torch import nn
 
+from project.callbacks._task import network_of
 from project.compression.sparsity import sparsity_of
 from project.reporting import tensorboard_logger
 
@@ -105,16 +106,11 @@ class TensorBoardViews(Callback):
         self.max_misclassified = max_misclassified
         self._wrong: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    @staticmethod
-    def _network(pl_module: LightningModule) -> nn.Module:
-        net = getattr(pl_module, "net", None)
-        return net if isinstance(net, nn.Module) else pl_module
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tb = tensorboard_logger(trainer)
         if tb is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        weights = layer_weights(self._network(pl_module))
+        weights = layer_weights(network_of(pl_module))
         if not weights:
             return
         step = trainer.global_step
