@@ -1,11 +1,15 @@
-"""Shared fixtures: fake datasets in the real on-disk formats, the real data when present, CLI runners."""
+"""Shared fixtures: fake datasets in the real on-disk formats, the real data when present, one torch thread;
+runners of the CLI and of code in a fresh interpreter."""
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import fakes
 
@@ -59,9 +63,28 @@ def real_mnist_dir() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead, and far more on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_project(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m project ARGS`` in a fresh process, run in ``cwd``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "project", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_python(code: str, cwd: Path, project_on_path: bool = True) -> dict:
+    """Run ``code`` in a fresh interpreter and return the JSON object it prints last."""
+    env = {"PYTHONPATH": str(REPO)} if project_on_path else {}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """Callbacks that tests put into runs from the command line (``--trainer.callbacks+=tests.helpers.X``)."""
 
-from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning import Callback, LightningModule, Trainer
 
 
 class SimulatedCrash(RuntimeError):
@@ -55,19 +55,3 @@ class PoisonWeightsAtEpoch(Callback):
             with torch.no_grad():
                 next(pl_module.net.parameters()).fill_(float("nan"))
 
-
-class LoaderData(LightningDataModule):
-    """Ready-made loaders as a DataModule whose images are already what the network takes (mean 0, std 1),
-    so a program exported from the run computes exactly what the network does."""
-
-    mean, std = (0.0,), (1.0,)
-
-    def __init__(self, train, val=None) -> None:
-        super().__init__()
-        self._train, self._val = train, val
-
-    def train_dataloader(self):
-        return self._train
-
-    def val_dataloader(self):
-        return self._val if self._val is not None else []

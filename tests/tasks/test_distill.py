@@ -1,20 +1,18 @@
 """Knowledge distillation: the loss, a teacher that stays frozen and in eval mode, student checkpoints
 without the teacher, composition with pruning and QAT of the student, and the CLI end to end.
 
-:func:`write_teacher_checkpoint` and :func:`teacher_overrides` are meant for other tests too
-(``test_configs.py`` gives every distillation config a teacher with them).
+The teachers come from :func:`tests.toys.write_teacher_checkpoint` and :func:`tests.toys.teacher_overrides`
+(``tests/cli/test_configs.py`` gives every distillation config a teacher with the latter).
 """
 
-import importlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
-from lightning import Callback, Trainer, seed_everything
-from torch.utils.data import DataLoader, TensorDataset
+from lightning import Callback, seed_everything
 
 from project.cli import main
 from project.errors import UserError
@@ -22,6 +20,7 @@ from project.tasks.classifier import ImageClassifier
 from project.tasks.distill import DistillationClassifier, distillation_loss
 from tests.conftest import REPO, run_project
 from tests.tb import read_run, scalars
+from tests.toys import cpu_trainer, random_loader, teacher_overrides, write_teacher_checkpoint
 
 DISTILL_MNIST = REPO / "configs" / "distill" / "mnist_lenet_to_mlp.yaml"
 STUDENT = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}}
@@ -29,54 +28,8 @@ STUDENT = {"arch": "mlp", "arch_kwargs": {"hidden": [16]}}
 TEACHER = {"arch": "cnn", "arch_kwargs": {"channels": [4, 8], "hidden": 16, "batch_norm": True, "dropout": 0.5}}
 
 
-def write_teacher_checkpoint(
-    path: str | Path,
-    arch: str = "lenet5",
-    num_classes: int = 10,
-    in_channels: int = 1,
-    image_size: int = 28,
-    arch_kwargs: dict[str, Any] | None = None,
-    seed: int = 0,
-) -> Path:
-    """A randomly initialised teacher, saved with the keys a ``fit`` checkpoint has (state_dict, hyper_parameters)."""
-    torch.manual_seed(seed)
-    model = ImageClassifier(num_classes, in_channels, image_size, arch=arch, arch_kwargs=arch_kwargs)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so "unchanged" means something
-        for name, buf in model.named_buffers():
-            if name.endswith(("running_mean", "running_var")):
-                buf.uniform_(0.5, 1.5)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
-    return path
-
-
-def teacher_overrides(config: Path, directory: Path) -> list[str]:
-    """For a config whose model has a ``teacher_checkpoint``: the override pointing it at a random small
-    teacher that fits the config's data, written into ``directory``. ``[]`` for every other config."""
-    cfg = yaml.safe_load(Path(config).read_text()) or {}
-    if not ((cfg.get("model") or {}).get("init_args") or {}).get("teacher_checkpoint"):
-        return []
-    data = cfg["data"]
-    module, name = data["class_path"].rsplit(".", 1)
-    datamodule = getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
-    path = write_teacher_checkpoint(
-        Path(directory) / "teacher.ckpt", "mlp", datamodule.num_classes, datamodule.in_channels,
-        datamodule.image_size, {"hidden": [16]},
-    )
-    return [f"--model.init_args.teacher_checkpoint={path}"]
-
-
-def _loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    images, labels = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(images, labels), batch_size=batch_size)
-
-
-def _trainer(*callbacks: Callback, **kwargs: Any) -> Trainer:
-    kwargs = {"max_epochs": 2, "limit_train_batches": 3, "limit_val_batches": 2, **kwargs}
-    return Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, callbacks=list(callbacks), **kwargs)
+# max_epochs, limit_train_batches and limit_val_batches can be overridden; the sanity check runs (Lightning's 2 steps)
+_trainer = partial(cpu_trainer, None, max_epochs=2, limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=2)
 
 
 def _student(teacher: Path, **kwargs: Any) -> DistillationClassifier:
@@ -111,7 +64,7 @@ def test_distillation_loss_is_scaled_kl() -> None:
 
 
 def test_distillation_changes_the_students_loss(teacher_ckpt) -> None:
-    images, labels = next(iter(_loader()))
+    images, labels = next(iter(random_loader()))
     model = _student(teacher_ckpt, alpha=0.9, temperature=2.0)
     with torch.no_grad():
         s, t = model(images), model.teacher(images)
@@ -126,7 +79,7 @@ def test_distillation_changes_the_students_loss(teacher_ckpt) -> None:
     }.items():
         recorder = _Recorder()
         seed_everything(0)
-        _trainer(recorder).fit(make(), _loader(), _loader(seed=1))
+        _trainer([recorder]).fit(make(), random_loader(), random_loader(seed=1))
         runs[name] = recorder.losses
     assert runs["alpha0"] == pytest.approx(runs["plain"], abs=1e-6)  # alpha 0 is plain cross-entropy training
     assert runs["alpha0.9"][0] == pytest.approx(expected_first.item(), rel=1e-5)
@@ -138,8 +91,8 @@ def test_teacher_stays_frozen_in_eval_mode_and_out_of_the_optimizer(teacher_ckpt
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in model.net.state_dict().items()}
     recorder = _Recorder()
-    trainer = _trainer(recorder)
-    trainer.fit(model, _loader(), _loader(seed=1))
+    trainer = _trainer([recorder])
+    trainer.fit(model, random_loader(), random_loader(seed=1))
 
     assert recorder.modes and all(net and not teacher for net, teacher in recorder.modes)
     saved = torch.load(teacher_ckpt, weights_only=True)["state_dict"]
@@ -157,12 +110,12 @@ def test_teacher_stays_frozen_in_eval_mode_and_out_of_the_optimizer(teacher_ckpt
 def test_checkpoint_holds_only_the_student_and_loads_as_image_classifier(teacher_ckpt, tmp_path) -> None:
     model = _student(teacher_ckpt)
     trainer = _trainer(max_epochs=1)
-    trainer.fit(model, _loader(), _loader(seed=1))
+    trainer.fit(model, random_loader(), random_loader(seed=1))
     trainer.save_checkpoint(tmp_path / "student.ckpt")
     state = torch.load(tmp_path / "student.ckpt", weights_only=True)["state_dict"]
     assert state and all(k.startswith("net.") for k in state), list(state)
 
-    images = next(iter(_loader(seed=2)))[0]
+    images = next(iter(random_loader(seed=2)))[0]
     model.eval()
     plain = ImageClassifier(num_classes=10, **STUDENT)
     plain.load_state_dict(state)  # strict
@@ -206,7 +159,8 @@ def test_pruning_the_student_leaves_the_teacher_dense(teacher_ckpt) -> None:
 
     model = _student(teacher_ckpt)
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    _trainer(MagnitudePruning(amount=0.5, export_weights=False), max_epochs=1).fit(model, _loader(), _loader(seed=1))
+    trainer = _trainer([MagnitudePruning(amount=0.5, export_weights=False)], max_epochs=1)
+    trainer.fit(model, random_loader(), random_loader(seed=1))
     student = [m.weight for m in model.net.modules() if isinstance(m, torch.nn.Linear)]
     zeros = sum(int((w == 0).sum()) for w in student) / sum(w.numel() for w in student)
     assert zeros == pytest.approx(0.5, abs=0.01)
@@ -222,7 +176,7 @@ def test_qat_of_the_student_trains_against_the_float_teacher(teacher_ckpt) -> No
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     recorder = _Recorder()
     qat = QuantizationAwareTraining(evaluate_int8=False, export=False)
-    _trainer(recorder, qat, max_epochs=1).fit(model, _loader(), _loader(seed=1))
+    _trainer([recorder, qat], max_epochs=1).fit(model, random_loader(), random_loader(seed=1))
     assert fake_quantizers(model.net) and not fake_quantizers(model.teacher)  # the student was swapped, not the teacher
     assert model.teacher is teacher and not teacher.training
     assert recorder.losses and all(torch.isfinite(torch.tensor(recorder.losses)))

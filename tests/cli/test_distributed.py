@@ -60,7 +60,7 @@ COMBOS = {
     "plain": [],
     "freezing": [FREEZING],  # unfreezes at epoch 1, which the combination below does not
     # all three; the convs stay frozen; pruning before QAT, which keeps its zeros. Pruning and QAT alone
-    # under DDP are tested in test_pruning.py and test_qat.py.
+    # under DDP are tested in tests/callbacks/test_magnitude_pruning.py and tests/callbacks/test_qat.py.
     "frozen+pruning+qat": [{**FREEZING, "init_args": {"frozen": ["net.backbone.features"]}}, PRUNING, QAT],
 }
 NEEDS = {"freezing": ["project.callbacks.freezing"], "qat": ["project.callbacks.qat"]}

@@ -10,66 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import Callback, Trainer, seed_everything
+from lightning import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 pytest.importorskip("torchao")
 
 from project.callbacks.qat import QuantizationAwareTraining  # noqa: E402
 from project.compression import quantization as Q  # noqa: E402
 from project.compression.export import load_program, predict_with_program  # noqa: E402
-from project.compression.graph_mode import bn_frozen, freeze_bn  # noqa: E402
+from project.compression.graph_mode import bn_frozen  # noqa: E402
 from project.errors import UserError  # noqa: E402
 from project.models import build_network  # noqa: E402
 from project.tasks import ImageClassifier  # noqa: E402
-from tests.helpers import LoaderData  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _blocks(n: int, seed: int, channels: int = 1, size: int = 28, classes: int = 4) -> TensorDataset:
-    """Images whose class is the horizontal band that is brighter: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = torch.randn(n, channels, size, size, generator=g) * 0.5
-    band = size // classes
-    for c in range(classes):
-        x[y == c, :, c * band : (c + 1) * band, :] += 2.5
-    return TensorDataset(x, y)
+from tests.conftest import REPO  # noqa: E402
+from tests.toys import LoaderData, block_loaders, cpu_trainer, toy_classifier  # noqa: E402
 
 
-def _loaders(channels: int = 1, size: int = 28, n: int = 256, shuffle: bool = True):
-    train = DataLoader(_blocks(n, 0, channels, size), batch_size=32, shuffle=shuffle)
-    val = DataLoader(_blocks(64, 1, channels, size), batch_size=32)
-    return train, val
-
-
-def _trainer(tmp_path: Path, callbacks: list, max_epochs: int, **kwargs) -> Trainer:
-    kwargs.setdefault("enable_checkpointing", False)
-    return Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        **kwargs,
-    )
-
-
-def _model(arch: str = "lenet5", channels: int = 1, size: int = 28) -> ImageClassifier:
-    return ImageClassifier(
-        num_classes=4, in_channels=channels, image_size=size, arch=arch,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=5e-3),
-    )
-
-
-# ---- training, schedule, int8 copy --------------------------------------------------------------
+# ---- training, schedule --------------------------------------------------------------------------
 
 
 class _LossPerEpoch(Callback):
@@ -82,10 +40,10 @@ class _LossPerEpoch(Callback):
 
 def test_qat_trains_logs_int8_accuracy_and_exports(tmp_path):
     seed_everything(0)
-    train, val = _loaders()
-    model = _model()
+    train, val = block_loaders()
+    model = toy_classifier()
     losses, qat = _LossPerEpoch(), QuantizationAwareTraining()
-    trainer = _trainer(tmp_path, [qat, losses], max_epochs=3)
+    trainer = cpu_trainer(tmp_path, [qat, losses], logger="csv", max_epochs=3)
     trainer.fit(model, datamodule=LoaderData(train, val))
 
     assert isinstance(model.net, torch.fx.GraphModule)
@@ -130,11 +88,11 @@ class _Snapshots(Callback):
 
 def test_observers_and_batchnorm_freeze_at_configured_epochs(tmp_path):
     seed_everything(0)
-    train, val = _loaders(channels=3, size=16, n=128)
-    model = _model("cnn", channels=3, size=16)
+    train, val = block_loaders(channels=3, size=16, n=128)
+    model = toy_classifier(arch="cnn", in_channels=3, image_size=16)
     snaps = _Snapshots()
     qat = QuantizationAwareTraining(freeze_observers_epoch=1, freeze_bn_epoch=2, evaluate_int8=False, export=False)
-    trainer = _trainer(tmp_path, [qat, snaps], max_epochs=3, limit_val_batches=1)
+    trainer = cpu_trainer(tmp_path, [qat, snaps], logger="csv", max_epochs=3, limit_val_batches=1)
     trainer.fit(model, datamodule=LoaderData(train, val))
 
     def moved(epoch: int, key: str) -> bool:
@@ -148,8 +106,8 @@ def test_observers_and_batchnorm_freeze_at_configured_epochs(tmp_path):
 
 def test_start_epoch_trains_float_first(tmp_path):
     seed_everything(0)
-    train, val = _loaders(n=64)
-    model = _model()
+    train, val = block_loaders(n=64)
+    model = toy_classifier()
     snaps: list[tuple[bool, bool]] = []
 
     class Probe(Callback):
@@ -157,41 +115,12 @@ def test_start_epoch_trains_float_first(tmp_path):
             fqs = Q.fake_quantizers(pl_module.net)
             snaps.append((bool(fqs[0].fake_quant_enabled), "val/acc_int8" in trainer.callback_metrics))
 
-    trainer = _trainer(tmp_path, [QuantizationAwareTraining(start_epoch=1, export=False), Probe()], max_epochs=2)
+    qat = QuantizationAwareTraining(start_epoch=1, export=False)
+    trainer = cpu_trainer(tmp_path, [qat, Probe()], logger="csv", max_epochs=2)
     trainer.fit(model, datamodule=LoaderData(train, val))
     # (fake quant on, int8 logged) at the end of each epoch: the epoch-0 validation runs before this hook
     assert snaps[0] == (False, False)
     assert snaps[1][0] is True and "val/acc_int8" in trainer.callback_metrics
-
-
-def test_int8_copy_leaves_training_model_untouched():
-    torch.manual_seed(0)
-    prepared = Q.prepare_qat(build_network("lenet5", 4, 1, 28), (1, 28, 28))
-    x = torch.randn(16, 1, 28, 28)
-    prepared(x)  # calibrate the observers once
-    before = {k: v.clone() for k, v in prepared.state_dict().items()}
-    code, training = prepared.code, prepared.training
-    converted = Q.convert_copy(prepared)
-    assert prepared.code == code and prepared.training == training
-    after = prepared.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert Q.is_converted(converted) and not Q.is_converted(prepared)
-    assert not any(p.dtype == torch.float32 and p.dim() > 1 for p in converted.parameters())  # fp32 weights gone
-    prepared.eval()
-    with torch.no_grad():
-        assert (converted(x).argmax(-1) == prepared(x).argmax(-1)).float().mean() >= 0.9
-
-
-def test_train_eval_switches_batchnorm_and_dropout_in_the_graph():
-    prepared = Q.prepare_qat(build_network("cnn", 4, 3, 16, dropout=0.3), (3, 16, 16))
-    prepared.eval()
-    assert "True" not in str([n.args for n in prepared.graph.nodes if "batch_norm" in str(n.target) or "dropout" in str(n.target)])
-    prepared.train()
-    drop = [n for n in prepared.graph.nodes if "dropout" in str(n.target)]
-    assert drop and drop[0].args[1] == 0.3 and drop[0].args[2] is True  # p kept (torchao's helper resets it)
-    freeze_bn(prepared)
-    bn = [n for n in prepared.graph.nodes if "batch_norm" in str(n.target)]
-    assert bn and all(n.args[5] is False for n in bn) and drop[0].args[2] is True
 
 
 # ---- artifact in a fresh process -----------------------------------------------------------------
@@ -199,10 +128,10 @@ def test_train_eval_switches_batchnorm_and_dropout_in_the_graph():
 
 def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
     seed_everything(0)
-    train, val = _loaders(n=128)
-    model = _model()
+    train, val = block_loaders(n=128)
+    model = toy_classifier()
     qat = QuantizationAwareTraining()
-    _trainer(tmp_path, [qat], max_epochs=1).fit(model, datamodule=LoaderData(train, val))
+    cpu_trainer(tmp_path, [qat], logger="csv", max_epochs=1).fit(model, datamodule=LoaderData(train, val))
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         expected = Q.convert_copy(model.net)(x)
@@ -242,11 +171,13 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
 def test_mid_qat_resume_matches_an_uninterrupted_run(tmp_path):
     def fit(epochs: int, ckpt_path=None, folder="run") -> ImageClassifier:
         seed_everything(0)
-        train, val = _loaders(n=96, shuffle=False)
-        model = _model()
+        train, val = block_loaders(n=96, shuffle=False)
+        model = toy_classifier()
         ckpt = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
         qat = QuantizationAwareTraining(freeze_observers_epoch=1, export=False, evaluate_int8=False)
-        trainer = _trainer(tmp_path / folder, [qat, ckpt], max_epochs=epochs, enable_checkpointing=True)
+        trainer = cpu_trainer(
+            tmp_path / folder, [qat, ckpt], logger="csv", max_epochs=epochs, enable_checkpointing=True
+        )
         trainer.fit(model, datamodule=LoaderData(train, val), ckpt_path=ckpt_path, weights_only=True)
         return model
 
@@ -266,19 +197,15 @@ def test_mid_qat_resume_matches_an_uninterrupted_run(tmp_path):
 DDP_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {repo!r})
-from lightning import Trainer, seed_everything
-from lightning.pytorch.loggers import CSVLogger
-from tests.helpers import LoaderData
-from tests.test_qat import _loaders, _model
+from lightning import seed_everything
+from tests.toys import LoaderData, block_loaders, cpu_trainer, toy_classifier
 from project.callbacks.qat import QuantizationAwareTraining
 
 seed_everything(0)
-train, val = _loaders(n=128)
-model = _model()
+train, val = block_loaders(n=128)
+model = toy_classifier()
 qat = QuantizationAwareTraining()
-trainer = Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", callbacks=[qat],
-                  logger=CSVLogger({out!r}), enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0, enable_checkpointing=False)
+trainer = cpu_trainer({out!r}, [qat], logger="csv", max_epochs=2, devices=2, strategy="ddp")
 trainer.fit(model, datamodule=LoaderData(train, val))
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 scales = torch.cat([b.flatten() for n, b in model.named_buffers() if n.endswith(".scale")])
@@ -304,8 +231,8 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 def test_pruned_weights_stay_zero_through_qat_and_int8(tmp_path):
     seed_everything(0)
-    train, val = _loaders(n=128)
-    model = _model()
+    train, val = block_loaders(n=128)
+    model = toy_classifier()
     masked = 0
     with torch.no_grad():  # stand-in for a pruned checkpoint: half of each weight matrix set to zero
         for name, p in model.net.named_parameters():
@@ -314,7 +241,7 @@ def test_pruned_weights_stay_zero_through_qat_and_int8(tmp_path):
                 p[mask] = 0
                 masked += int(mask.sum())
     qat = QuantizationAwareTraining()
-    _trainer(tmp_path, [qat], max_epochs=1).fit(model, datamodule=LoaderData(train, val))
+    cpu_trainer(tmp_path, [qat], logger="csv", max_epochs=1).fit(model, datamodule=LoaderData(train, val))
     zeros = sum(int((p == 0).sum()) for p in model.net.parameters() if p.dim() > 1)
     assert zeros >= masked
     int8 = load_program(qat.export_path)
@@ -322,29 +249,7 @@ def test_pruned_weights_stay_zero_through_qat_and_int8(tmp_path):
     assert int8_zeros >= masked
 
 
-# ---- bad input ------------------------------------------------------------------------------------
-
-
-class _Branchy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(784, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x.flatten(1))
-        return y if y.sum() > 0 else -y  # data-dependent control flow: not exportable
-
-
-class _NoWeights(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)[:, :4].relu()
-
-
-@pytest.mark.parametrize("net", [_Branchy(), _NoWeights()], ids=["not-exportable", "nothing-to-quantize"])
-def test_unsupported_architecture_is_one_line_error(net):
-    with pytest.raises(UserError, match="QAT cannot handle") as err:
-        Q.prepare_qat(net, (1, 28, 28))
-    assert "\n" not in str(err.value)
+# ---- bad input (prepare_qat's own errors: tests/compression/test_quantization.py) -----------------
 
 
 def test_qat_on_prepared_or_converted_model_is_refused(tmp_path):
@@ -354,9 +259,10 @@ def test_qat_on_prepared_or_converted_model_is_refused(tmp_path):
         Q.prepare_qat(prepared, (1, 28, 28))
     with pytest.raises(UserError, match="already converted"):
         Q.prepare_qat(Q.convert_copy(prepared), (1, 28, 28))
-    model = _model()
-    trainer = _trainer(tmp_path, [QuantizationAwareTraining(), QuantizationAwareTraining()], max_epochs=1)
-    train, val = _loaders(n=32)
+    model = toy_classifier()
+    twice = [QuantizationAwareTraining(), QuantizationAwareTraining()]
+    trainer = cpu_trainer(tmp_path, twice, logger="csv", max_epochs=1)
+    train, val = block_loaders(n=32)
     with pytest.raises(UserError, match="already prepared"):
         trainer.fit(model, datamodule=LoaderData(train, val))
 
@@ -366,9 +272,10 @@ def test_bad_schedule_and_old_torchao_are_one_line_errors(tmp_path, monkeypatch)
         QuantizationAwareTraining(start_epoch=2, freeze_observers_epoch=2)
     with pytest.raises(UserError, match="start_epoch"):
         QuantizationAwareTraining(start_epoch=-1)
-    train, val = _loaders(n=32)
+    train, val = block_loaders(n=32)
     with pytest.raises(UserError, match="never run"):
-        _trainer(tmp_path, [QuantizationAwareTraining(start_epoch=3)], max_epochs=3).fit(_model(), datamodule=LoaderData(train, val))
+        trainer = cpu_trainer(tmp_path, [QuantizationAwareTraining(start_epoch=3)], logger="csv", max_epochs=3)
+        trainer.fit(toy_classifier(), datamodule=LoaderData(train, val))
     import torchao
 
     monkeypatch.setattr(torchao, "__version__", "0.17.1")

@@ -15,8 +15,8 @@ from project.commands.compress import run as compress_run
 from project.compression import report as R
 from project.compression.export import load_program
 from project.tasks import ImageClassifier
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--data.val_size=64", "--data.batch_size=32"]

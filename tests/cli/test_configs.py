@@ -8,14 +8,15 @@ import yaml
 
 from project.cli import main
 from tests.conftest import REPO
-from tests.test_distill import teacher_overrides
+from tests.toys import teacher_overrides
 
 FRAGMENTS = ("trainer", "compress")  # partial configs, composed with an experiment below
 CONFIGS = sorted(
     p for p in (REPO / "configs").rglob("*.yaml") if not set(FRAGMENTS) & set(p.relative_to(REPO / "configs").parts)
 )
-COMPRESS = sorted((REPO / "configs" / "compress").glob("*.yaml"))
-# presets that need hardware this machine lacks, or several processes (tested in test_distributed.py)
+COMPRESS = sorted((REPO / "project" / "commands" / "compress_variants").glob("*.yaml"))
+assert COMPRESS, "the compress variant configs moved: point COMPRESS at them"
+# presets that need hardware this machine lacks, or several processes (tested in tests/cli/test_distributed.py)
 PRESETS = sorted(p for p in (REPO / "configs" / "trainer").glob("*.yaml") if p.stem in {"cpu"})
 
 
@@ -32,7 +33,8 @@ def _data_overrides(config: Path, fake_data_dirs: dict[str, Path]) -> list[str]:
 
 def _model_overrides(config: Path) -> list[str]:
     init_args = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("init_args") or {}
-    # a config that starts from another run's weights is tested without them (test_finetune covers init_from)
+    # a config that starts from another run's weights is tested without them
+    # (tests/tasks/test_init_weights.py covers init_from)
     return ["--model.init_from=null"] if init_args.get("init_from") else []
 
 
