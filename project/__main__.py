@@ -1,12 +1,12 @@
 """``python -m project SUBCOMMAND``: the one place subcommands are dispatched.
 
-``compress`` runs :mod:`project.commands.compress`; everything else (``fit``, ``validate``, ``test``,
+``compress`` and ``export`` run :mod:`project.commands.compress` and :mod:`project.commands.export`; everything else (``fit``, ``validate``, ``test``,
 ``predict``, ``--help``...) goes to the LightningCLI in :mod:`project.cli`.
 """
 
 import sys
 
-COMMANDS = {"compress": "project.commands.compress"}
+COMMANDS = {"compress": "project.commands.compress", "export": "project.commands.export"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,7 @@ from project.runtime import keep_freed_memory, log_info_to_stdout, skip_nvml_pro
 from project.tasks import ImageClassifier
 
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
+PROGRAMS = (".pt2", ".onnx", ".xml")  # exported models that `predict` runs instead of a checkpoint
 
 
 _BOILERPLATE = ("Does not validate", "Subtypes", "Errors", "- Problem with given class_path", "Given value")
@@ -157,9 +158,9 @@ class ProjectCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, before any of our hooks: check the file first.
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if ckpt_path is not None and str(ckpt_path).endswith(".pt2"):
+        if ckpt_path is not None and str(ckpt_path).endswith(PROGRAMS):
             if self.config.subcommand != "predict":
-                raise UserError(f"{ckpt_path} is an exported program: only `predict` runs it; pass a .ckpt for {self.config.subcommand}")
+                raise UserError(f"{ckpt_path} is an exported model: only `predict` runs it; pass a .ckpt for {self.config.subcommand}")
             return
         if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT:
             load_checkpoint(ckpt_path)
@@ -187,7 +188,7 @@ class ProjectCLI(LightningCLI):
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path == "last" and subcommand == "fit":
             kwargs["ckpt_path"] = ckpt_path = str(self._find_last_checkpoint())
-        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT and not str(ckpt_path).endswith(".pt2"):
+        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT and not str(ckpt_path).endswith(PROGRAMS):
             head = getattr(self.model, "head_prefix", None)
             check_checkpoint_fits(ckpt_path, self.model, self.trainer.callbacks, head_prefix=head)
         return kwargs
@@ -227,11 +228,11 @@ class ProjectCLI(LightningCLI):
     def predict(self, **kwargs: Any) -> None:
         """Predict on the DataModule's predict split and write ``predictions.csv`` into the run's folder.
 
-        ``--ckpt_path`` may also be a ``.pt2`` program the project exported (``model_int8.pt2``,
-        ``pruned_model.pt2``, a compress report's artifacts): it is fed the images in [0, 1].
+        ``--ckpt_path`` may also be a model the project exported (``model_int8.pt2``, ``pruned_model.pt2``, a
+        compress report's artifacts, ``export``'s ``.onnx`` and OpenVINO ``.xml``): it is fed the images in [0, 1].
         """
         ckpt_path = kwargs.get("ckpt_path")
-        if ckpt_path is not None and str(ckpt_path).endswith(".pt2"):
+        if ckpt_path is not None and str(ckpt_path).endswith(PROGRAMS):
             outputs = [self._predict_with_program(Path(ckpt_path))]
         else:
             outputs = self.trainer.predict(**kwargs) or []
@@ -251,11 +252,20 @@ class ProjectCLI(LightningCLI):
         from project.compression.export import predict_with_program
 
         if not path.is_file():
-            raise UserError(f"{path} does not exist: QAT runs write lightning_logs/<name>/version_N/model_int8.pt2")
+            raise UserError(f"{path} does not exist: pass a model that a fit, compress or export wrote")
         dm = self.datamodule
         dm.prepare_data()
         dm.setup("predict")
-        return predict_with_program(path, (batch[0] for batch in dm.predict_dataloader()))
+        batches = (batch[0] for batch in dm.predict_dataloader())
+        if path.suffix == ".pt2":
+            return predict_with_program(path, batches)
+        from project.compression.deploy import load_runtime
+        from project.compression.export import as_unit_float
+
+        model = load_runtime(path)
+        logits = [torch.from_numpy(model(as_unit_float(images).cpu().numpy())) for images in batches]
+        prob = torch.cat(logits).softmax(dim=-1)
+        return {"pred": prob.argmax(dim=-1), "prob": prob}
 
     def _log_hparams(self, metrics: dict[str, float]) -> None:
         config = self._active_config

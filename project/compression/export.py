@@ -58,7 +58,7 @@ def with_input_normalization(net: nn.Module, mean: Sequence[float], std: Sequenc
     return nn.Sequential(InputNormalization(mean, std), net)
 
 
-def _contract(input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+def input_contract(input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
     c, h, w = (list(input_shape) + [None, None])[:3]
     return {
         "dtype": "float32", "layout": "NCHW", "range": [0.0, 1.0], "batch": "any",
@@ -89,7 +89,7 @@ def save_program(
             node.meta.pop(key, None)
     program.example_inputs = None
     archive = io.BytesIO()
-    torch.export.save(program, archive, extra_files={INPUT_CONTRACT: json.dumps(_contract(input_shape, mean, std))})
+    torch.export.save(program, archive, extra_files={INPUT_CONTRACT: json.dumps(input_contract(input_shape, mean, std))})
     _write_deflated(archive, path)
     return path
 

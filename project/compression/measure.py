@@ -120,6 +120,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 #: Column titles of every figure above, in table order.
 TITLES = {
     "accuracy": "test acc",
+    "agreement": "agreement",
     "params": "params",
     "nonzero": "non-zeros",
     "sparsity": "sparsity",
@@ -138,7 +139,7 @@ def _title(key: str) -> str:
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
-    if key in ("accuracy", "sparsity"):
+    if key in ("accuracy", "agreement", "sparsity"):
         return f"{value:.2%}"
     if key.startswith("latency"):
         return f"{value:.3f}"

@@ -9,34 +9,15 @@ import matplotlib.image
 import pytest
 import torch
 
-from project.cli import main as cli_main
 from project.commands.compress import main as compress_main
 from project.commands.compress import run as compress_run
 from project.compression import report as R
 from project.compression.export import load_program
 from project.tasks import ImageClassifier
+from tests.commands.conftest import FAST
 from tests.conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FAST = ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--data.val_size=64", "--data.batch_size=32"]
-
-
-def _train(data_dir: Path, root: Path) -> Path:
-    """The fp32 checkpoint: LeNet-5, 3 epochs on the fake MNIST."""
-    cli_main(["fit", f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--data.data_dir={data_dir}", "--trainer.max_epochs=3",
-              f"--trainer.logger.init_args.save_dir={root}", "--test_after_fit=false", *FAST,
-              "--trainer.limit_train_batches=1.0"])
-    ckpts = sorted(root.glob("*/version_*/checkpoints/last.ckpt"))
-    assert ckpts, "the fp32 training run wrote no checkpoint"
-    return ckpts[-1]
-
-
-@pytest.fixture(scope="module")
-def lenet_ckpt(fake_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _train(fake_mnist_dir, tmp_path_factory.mktemp("fp32"))
-
-
 @pytest.fixture(scope="module")
 def report(fake_mnist_dir: Path, lenet_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("reports")

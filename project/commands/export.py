@@ -1,0 +1,147 @@
+"""``python -m project export``: a trained checkpoint as ONNX and OpenVINO models, fp32 and int8 (post-training).
+
+    python -m project export --config configs/cifar10_cnn.yaml \\
+        --ckpt lightning_logs/cifar10_cnn/version_0/checkpoints/best.ckpt --data.data_dir data
+
+Writes into a new ``<out>/export/version_N/``: ``model.onnx`` and ``model_int8.onnx`` (ONNX Runtime static
+int8, QDQ), ``model.xml``/``.bin`` and ``model_int8.xml``/``.bin`` (OpenVINO IR, int8 through NNCF), each taking
+float32 ``[B, C, H, W]`` images in [0, 1]. Int8 is calibrated on ``--calibration-images`` training images. Each
+file is loaded back in its runtime and measured on the test split: accuracy and agreement with the fp32
+PyTorch network, printed as a table and saved as ``export.json``. Arguments the command does not know
+(``--data.*``, ``--model.*``, ``--trainer.*``) are passed to the config, as to ``python -m project fit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from project.errors import UserError, exit_on_user_error
+
+FORMATS = ("onnx", "openvino")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m project export",
+        description="Export a trained checkpoint to ONNX and OpenVINO, fp32 and post-training int8, and check each.",
+        epilog="Other --data.*/--model.*/--trainer.* arguments are passed to the config (e.g. --data.data_dir DIR).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="the model's config (e.g. configs/cifar10_cnn.yaml)")
+    parser.add_argument("--ckpt", required=True, help="trained fp32 checkpoint of that config")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also write int8 models")
+    parser.add_argument("--calibration-images", type=int, default=300, help="training images that calibrate int8")
+    parser.add_argument(
+        "--reduce-range", choices=("auto", "on", "off"), default="auto",
+        help="ONNX int8 with 7-bit weights: auto = on for CPUs without VNNI (whose int8 kernels saturate otherwise)",
+    )
+    parser.add_argument("--out", default="lightning_logs", help="the models go to OUT/export/version_N/")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    args, extra = build_parser().parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") and not a.startswith(("--data.", "--model.", "--trainer.", "--seed"))]
+    if bad:
+        raise UserError(f"unknown argument {bad[0]}: see python -m project export --help")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"unknown format {unknown[0] if unknown else '(none)'}: choose from {','.join(FORMATS)}")
+    args.formats = list(dict.fromkeys(formats))
+    if args.int8 and args.calibration_images < 32:
+        raise UserError(f"--calibration-images must be >= 32, got {args.calibration_images}")
+    if not Path(args.config).is_file():
+        raise UserError(f"config {args.config} does not exist: pass the config the checkpoint was trained with")
+    return args, extra
+
+
+def _unit_images(loader: Any, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images of a split as float32 [0, 1] numpy arrays, with their labels (at most ``limit`` of them)."""
+    from project.compression.export import as_unit_float
+
+    images, labels, count = [], [], 0
+    for batch in loader:
+        images.append(as_unit_float(batch[0]).cpu())
+        labels.append(batch[1].cpu())
+        count += len(batch[1])
+        if limit is not None and count >= limit:
+            break
+    x, y = torch.cat(images), torch.cat(labels)
+    return x[:limit].numpy(), y[:limit].numpy()
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Export, reload and check every model; returns what ``export.json`` holds."""
+    from project.commands.compress import check_checkpoint
+    from project.compression import deploy
+    from project.compression.measure import format_table
+    from project.compression.report import next_version_dir
+    from project.tasks.init_weights import load_initial_weights
+
+    args, extra = parse_args(argv)
+    for fmt in args.formats:
+        deploy.require("onnxruntime" if fmt == "onnx" else "openvino")
+    if args.int8:
+        deploy.require("onnxruntime.quantization" if "onnx" in args.formats else "nncf")
+        if "openvino" in args.formats:
+            deploy.require("nncf")
+    from project.cli import ProjectCLI
+
+    cli = ProjectCLI(args=[f"--config={args.config}", *extra, "--trainer.logger=false"], run=False)
+    check_checkpoint(args.ckpt, cli)
+    hp, dm = cli.model.hparams, cli.datamodule
+    net = cli.model.net.cpu().eval()
+    load_initial_weights(net, args.ckpt, hp["arch"])
+    shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
+    dm.prepare_data()
+    dm.setup("fit")
+    calibration = _unit_images(dm.train_dataloader(), args.calibration_images)[0] if args.int8 else None
+    if calibration is not None and len(calibration) < args.calibration_images:
+        raise UserError(f"only {len(calibration)} training images for --calibration-images {args.calibration_images}")
+    dm.setup("test")
+    images, labels = _unit_images(dm.test_dataloader())
+    folder = next_version_dir(args.out, "export")
+    print(f"export: writing into {folder}", flush=True)
+
+    mean, std = dm.mean, dm.std
+    onnx_fp32 = deploy.export_onnx(net, shape, folder / "model.onnx", mean, std)
+    paths: dict[str, Path] = {}
+    if "onnx" in args.formats:
+        paths["onnx fp32"] = onnx_fp32
+        if args.int8:
+            reduce = {"auto": None, "on": True, "off": False}[args.reduce_range]
+            paths["onnx int8"] = deploy.quantize_onnx(onnx_fp32, folder / "model_int8.onnx", calibration, reduce)
+    if "openvino" in args.formats:
+        paths["openvino fp32"] = deploy.convert_openvino(onnx_fp32, folder / "model.xml")
+        if args.int8:
+            paths["openvino int8"] = deploy.convert_openvino(onnx_fp32, folder / "model_int8.xml", calibration)
+    if "onnx" not in args.formats:
+        onnx_fp32.unlink()
+
+    with torch.no_grad():
+        normalised = (torch.from_numpy(images) - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+        reference = torch.cat([net(b) for b in normalised.split(256)]).argmax(-1).numpy()
+    results: dict[str, dict[str, Any]] = {"pytorch fp32": {"accuracy": float((reference == labels).mean())}}
+    for name, path in paths.items():
+        model = deploy.load_runtime(path)
+        pred = np.concatenate([model(images[i : i + 256]).argmax(-1) for i in range(0, len(images), 256)])
+        results[name] = {"artifact": path.name, "accuracy": float((pred == labels).mean()),
+                         "agreement": float((pred == reference).mean()), "file_bytes": deploy.model_bytes(path)}
+    print("\n" + format_table(results, ["accuracy", "agreement", "file_bytes"], first="model") + "\n", flush=True)
+    summary = {"config": args.config, "checkpoint": args.ckpt, "calibration_images": args.calibration_images if args.int8 else 0,
+               "reduce_range": args.reduce_range, "vnni": deploy.cpu_has_vnni(), "test_images": len(labels), "models": results}
+    (folder / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {**summary, "folder": str(folder)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input ends with one ``error: ...`` line and exit status 2."""
+    exit_on_user_error(run, argv)
