@@ -4,8 +4,9 @@
         --ckpt lightning_logs/mnist_lenet/version_0/checkpoints/best.ckpt \\
         --data.data_dir ../shared/data
 
-Builds the variants ``fp32`` (the checkpoint as is), ``unstructured``, ``structured``, ``int8`` and
-``pruned_int8``: each but fp32 starts from the checkpoint (``init_from``) and is fine-tuned for
+Builds the variants ``fp32`` (the checkpoint as is), ``ptq`` (post-training int8 of it, calibrated on
+``--calibration-images`` training images, no training), ``unstructured``, ``structured``, ``int8`` (QAT) and
+``pruned_int8``: each but fp32 and ptq starts from the checkpoint (``init_from``) and is fine-tuned for
 ``--finetune-epochs`` with the callbacks of its variant config (``<variant>.yaml`` of ``--variant-dir``,
 by default the package's own ``project/commands/compress_variants/``, added after ``--config``). Each is
 saved as the ``.pt2`` program a user would ship (taking [0, 1] images), loaded back and measured the same
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import platform
 import time
 from importlib import resources
@@ -31,7 +33,8 @@ import torch
 
 from project.errors import UserError, exit_on_user_error
 
-VARIANTS = ("fp32", "unstructured", "structured", "int8", "pruned_int8")
+VARIANTS = ("fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8")
+NO_FINETUNE = ("fp32", "ptq")  # variants built from the checkpoint as is, without a variant config
 
 
 @contextlib.contextmanager
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
     )
     parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs of each variant")
+    parser.add_argument("--calibration-images", type=int, default=300, help="training images that calibrate ptq")
     parser.add_argument(
         "--variant-dir", default=None,
         help="folder with <variant>.yaml callback configs (default: the package's project/commands/compress_variants/)",
@@ -89,6 +93,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.variants = list(dict.fromkeys(variants))
     if args.finetune_epochs < 1:
         raise UserError(f"--finetune-epochs must be >= 1, got {args.finetune_epochs}")
+    if "ptq" in args.variants and args.calibration_images < 32:
+        raise UserError(f"--calibration-images must be >= 32, got {args.calibration_images}")
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:
@@ -101,7 +107,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         raise UserError(f"config {args.config} does not exist: pass the config the checkpoint was trained with")
     with variant_dir(args.variant_dir) as folder:
         for v in args.variants:
-            if v != "fp32" and not (folder / f"{v}.yaml").is_file():
+            if v not in NO_FINETUNE and not (folder / f"{v}.yaml").is_file():
                 raise UserError(f"variant config {folder / f'{v}.yaml'} does not exist: check --variant-dir")
     return args, extra
 
@@ -128,6 +134,19 @@ def check_checkpoint(ckpt: str, cli: Any) -> None:
     if got is not None and want is not None and got != want:
         raise UserError(f"checkpoint {ckpt} is of arch {got!r} but the config builds {want!r}: pass that arch's config")
     check_checkpoint_fits(ckpt, cli.model)
+
+
+def calibration_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
+    """The first ``count`` training images, normalised as the network takes them, without augmentation."""
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches, seen = [], 0
+    for batch in datamodule.train_dataloader():
+        batches.append(datamodule.transform(batch[0], train=False).cpu()[: count - seen])
+        seen += len(batches[-1])
+        if seen >= count:
+            break
+    return batches
 
 
 def load_test_split(datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +195,14 @@ def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> d
             _log(f"[{i}/{len(todo)}] fp32: the checkpoint as is")
             net = base.model.net
             load_initial_weights(net, args.ckpt, hp["arch"])
+        elif variant == "ptq":
+            from project.compression.ptq import quantize_ptq
+            from project.tasks.init_weights import load_initial_weights
+
+            _log(f"[{i}/{len(todo)}] ptq: post-training int8, calibrated on {args.calibration_images} training images")
+            float_net = copy.deepcopy(base.model.net)
+            load_initial_weights(float_net, args.ckpt, hp["arch"])
+            net = quantize_ptq(float_net, input_shape, calibration_batches(base.datamodule, args.calibration_images))
         else:
             _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
             cli = _cli(

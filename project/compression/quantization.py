@@ -170,13 +170,13 @@ def convert_copy(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     model = copy.deepcopy(prepared)
     freeze_bn(model, bn_frozen(prepared))
     set_graph_mode(model, False)
-    with torch.no_grad(), _cached_pattern_graphs():
+    with torch.no_grad(), cached_pattern_graphs():
         converted = ao.convert_pt2e(model, fold_quantize=True)
-    _strip_unused(converted)
+    strip_unused(converted)
     return converted
 
 
-def _strip_unused(gm: torch.fx.GraphModule) -> None:
+def strip_unused(gm: torch.fx.GraphModule) -> None:
     """Drop the parameters and buffers the graph no longer reads (the float weights after conversion)."""
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -193,7 +193,7 @@ _PATTERN_CACHE: dict[Any, torch.fx.GraphModule] = {}
 
 
 @contextlib.contextmanager
-def _cached_pattern_graphs() -> Iterator[None]:
+def cached_pattern_graphs() -> Iterator[None]:
     """Cache the small pattern graphs torchao re-exports on every conv-BN fold (~100 exports, ~13 s).
 
     ``convert_pt2e`` rebuilds the same match/replacement patterns each call; they depend only on the

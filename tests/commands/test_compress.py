@@ -31,7 +31,7 @@ def test_report_end_to_end(report: dict) -> None:
     assert folder.name == "version_0" and folder.parent.name == "compress"
     on_disk = json.loads((folder / "report.json").read_text())
     variants = on_disk["variants"]
-    assert list(variants) == ["fp32", "unstructured", "structured", "int8", "pruned_int8"]
+    assert list(variants) == ["fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8"]
     md = (folder / "report.md").read_text()
     for name, r in variants.items():
         assert f"| {name} |" in md
@@ -52,6 +52,10 @@ def test_report_end_to_end(report: dict) -> None:
     # int8: same MACs, a smaller file; pruned+int8 smaller still
     assert i8["macs"] == fp32["macs"] and i8["file_bytes"] < fp32["file_bytes"]
     assert pi8["file_bytes"] < i8["file_bytes"] and pi8["params"] == st["params"]
+    # ptq: int8 without training, from the checkpoint as is: same MACs, int8-sized, close to fp32 (QAT recovers more)
+    ptq = variants["ptq"]
+    assert ptq["macs"] == fp32["macs"] and ptq["file_bytes"] < 0.5 * fp32["file_bytes"]
+    assert ptq["accuracy"] >= fp32["accuracy"] - 0.05
 
 
 def test_plots_are_valid_png(report: dict) -> None:
@@ -94,7 +98,7 @@ def test_artifacts_reload_in_fresh_process_on_unit_images_with_the_reported_accu
     input contract, and gets the test accuracy the report gives for it."""
     folder = Path(report["folder"])
     paths = {name: str(folder / "artifacts" / r["artifact"]) for name, r in report["variants"].items()}
-    assert len(paths) == 5 and all(p.endswith(".pt2") for p in paths.values())
+    assert len(paths) == 6 and all(p.endswith(".pt2") for p in paths.values())
     raw = str(fake_mnist_dir / "MNIST" / "raw")
     out = subprocess.run([sys.executable, "-c", _FRESH, raw, *paths.values()], capture_output=True, text=True, timeout=300,
                          cwd=folder, env={"PATH": "/usr/bin:/bin", "HOME": str(folder)})

@@ -1,0 +1,54 @@
+"""Post-training static int8 (PTQ) through torchao PT2E: no training, a few hundred calibration images.
+
+The float network is exported in eval mode (BatchNorm then folds into the convolutions), observers are inserted
+by the x86 quantizer (per-channel int8 weights, uint8 activations), calibration batches run through it, and the
+result is converted to int8. QAT (:mod:`project.compression.quantization`) stays the way to recover accuracy that
+PTQ loses.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from project.compression.export import example_input
+from project.compression.quantization import cached_pattern_graphs, strip_unused, check_quantizable, require_torchao
+from project.errors import UserError
+
+MIN_CALIBRATION = 32
+
+
+def quantize_ptq(model: nn.Module, input_shape: Sequence[int], calibration: Iterable[torch.Tensor]) -> torch.fx.GraphModule:
+    """An int8 copy of ``model`` calibrated on ``calibration`` batches (images as the network takes them).
+
+    ``model`` itself is left untouched. Raises a one-line UserError for a model that is already quantized or
+    cannot be exported, and for fewer than :data:`MIN_CALIBRATION` calibration images.
+    """
+    ao = require_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    check_quantizable(model)
+    float_model = copy.deepcopy(model).cpu().eval()
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        exported = torch.export.export(float_model, (example_input(input_shape),), dynamic_shapes=({0: batch},))
+    except Exception as err:  # torch.export raises many types; all mean "cannot trace this model"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"PTQ cannot handle {type(model).__name__}: torch.export failed ({first})") from None
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=False))
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    seen = 0
+    with torch.no_grad():
+        for images in calibration:
+            prepared(images.cpu().float())
+            seen += len(images)
+    if seen < MIN_CALIBRATION:
+        raise UserError(f"PTQ needs at least {MIN_CALIBRATION} calibration images, got {seen}: pass more")
+    with torch.no_grad(), cached_pattern_graphs():
+        converted = ao.convert_pt2e(prepared, fold_quantize=True)
+    strip_unused(converted)
+    return converted
