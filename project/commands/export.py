@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX int8 with 7-bit weights: auto = on for CPUs without VNNI (whose int8 kernels saturate otherwise)",
     )
     parser.add_argument("--out", default="lightning_logs", help="the models go to OUT/export/version_N/")
+    parser.add_argument("--batch-sizes", default="1,64", help="latency batch sizes, comma-separated (empty: no timing)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls of each model before timing")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls of each model, in turns; the median is reported")
     return parser
 
 
@@ -58,6 +61,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.formats = list(dict.fromkeys(formats))
     if args.int8 and args.calibration_images < 32:
         raise UserError(f"--calibration-images must be >= 32, got {args.calibration_images}")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    if any(b < 1 for b in args.batch_sizes) or args.warmup < 0 or args.repeats < 2:
+        raise UserError("--batch-sizes must be positive, --warmup >= 0 and --repeats >= 2")
     if not Path(args.config).is_file():
         raise UserError(f"config {args.config} does not exist: pass the config the checkpoint was trained with")
     return args, extra
@@ -135,11 +144,44 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         pred = np.concatenate([model(images[i : i + 256]).argmax(-1) for i in range(0, len(images), 256)])
         results[name] = {"artifact": path.name, "accuracy": float((pred == labels).mean()),
                          "agreement": float((pred == reference).mean()), "file_bytes": deploy.model_bytes(path)}
-    print("\n" + format_table(results, ["accuracy", "agreement", "file_bytes"], first="model") + "\n", flush=True)
+    latency = _time_models(net, paths, images, mean, std, args, results)
+    print("\n" + format_table(results, ["accuracy", "agreement", "file_bytes", *latency], first="model") + "\n", flush=True)
     summary = {"config": args.config, "checkpoint": args.ckpt, "calibration_images": args.calibration_images if args.int8 else 0,
-               "reduce_range": args.reduce_range, "vnni": deploy.cpu_has_vnni(), "test_images": len(labels), "models": results}
+               "reduce_range": args.reduce_range, "vnni": deploy.cpu_has_vnni(), "test_images": len(labels),
+               "torch_threads": torch.get_num_threads(), "latency": f"median of {args.repeats} calls in turns after "
+               f"{args.warmup} warm-up calls each; runtimes at their default threads", "models": results}
     (folder / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "folder": str(folder)}
+
+
+def _time_models(net: torch.nn.Module, paths: dict[str, Path], images: np.ndarray, mean: Any, std: Any,
+                 args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
+    """Latency of every model at each batch size, all measured in turns; flags a figure whose spread is large
+    and names the fastest model. Returns the latency keys added to ``results``."""
+    from project.compression import deploy
+    from project.compression.export import with_input_normalization
+    from project.compression.measure import time_alternating
+
+    pytorch = with_input_normalization(net, mean, std).eval()
+    models = {name: deploy.load_runtime(path) for name, path in paths.items()}
+    keys = []
+    for batch in args.batch_sizes:
+        x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])), dtype=np.float32)
+        tx = torch.from_numpy(x)
+        fns = {"pytorch fp32": lambda: pytorch(tx), **{name: (lambda m=m: m(x)) for name, m in models.items()}}
+        timed = time_alternating(fns, warmup=args.warmup, repeats=args.repeats)
+        key = f"latency_ms_b{batch}"
+        keys.append(key)
+        for name, t in timed.items():
+            results[name][key] = t["ms"]
+            results[name][f"{key}_iqr"] = t["iqr_ms"]
+            if t["spread"] > 0.25:
+                print(f"export: {name} at batch {batch} varied widely (IQR {t['iqr_ms']:.3f} ms around "
+                      f"{t['ms']:.3f} ms): the machine was busy; measure again", flush=True)
+        fastest = min(timed, key=lambda n: timed[n]["ms"])
+        print(f"export: fastest at batch {batch}: {fastest} ({timed[fastest]['ms']:.3f} ms, "
+              f"{timed['pytorch fp32']['ms'] / timed[fastest]['ms']:.2f}x PyTorch eager fp32)", flush=True)
+    return keys
 
 
 def main(argv: list[str] | None = None) -> None:

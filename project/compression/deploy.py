@@ -138,7 +138,10 @@ def load_runtime(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     module = require(runtime)
     try:
         if runtime == "onnxruntime":
-            session = module.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = module.SessionOptions()
+            # no busy-waiting threads between calls: they would take the cores from whatever runs next
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = module.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             return lambda images: session.run(None, {name: np.ascontiguousarray(images, dtype=np.float32)})[0]
         compiled = module.Core().compile_model(str(path), "CPU")

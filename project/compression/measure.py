@@ -105,6 +105,29 @@ def measure_latency_ms(fn: Callable[[], Any], warmup: int = 10, repeats: int = 5
     return statistics.median(times)
 
 
+def time_alternating(
+    fns: dict[str, Callable[[], Any]], warmup: int = 10, repeats: int = 50
+) -> dict[str, dict[str, float]]:
+    """Latency of several callables measured in turns (one call of each per round), so that a machine's drift
+    touches all of them alike: ``{name: {"ms": median, "iqr_ms": interquartile range, "spread": iqr / median}}``.
+    Warm-up calls are not timed; autograd is off."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1000.0)
+    out = {}
+    for name, values in times.items():
+        q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+        out[name] = {"ms": median, "iqr_ms": q3 - q1, "spread": (q3 - q1) / median if median else 0.0}
+    return out
+
+
 @torch.inference_mode()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``images`` [N, C, H, W] (in whatever input convention the model takes)."""

@@ -26,7 +26,7 @@ LENET = str(REPO / "configs" / "mnist_lenet.yaml")
 def exported(fake_mnist_dir: Path, lenet_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("export")
     return export_run([f"--config={LENET}", f"--ckpt={lenet_ckpt}", f"--out={out}", "--calibration-images=64",
-                       f"--data.data_dir={fake_mnist_dir}", *FAST])
+                       "--batch-sizes=1,8", "--warmup=1", "--repeats=3", f"--data.data_dir={fake_mnist_dir}", *FAST])
 
 
 def test_every_model_is_written_and_agrees_with_pytorch(exported: dict) -> None:
@@ -43,6 +43,8 @@ def test_every_model_is_written_and_agrees_with_pytorch(exported: dict) -> None:
         assert models[name]["agreement"] >= 0.9, (name, models[name])
         assert models[name]["file_bytes"] < 0.5 * models[name.replace("int8", "fp32")]["file_bytes"]
     assert exported["reduce_range"] == "auto"
+    for name, model in models.items():  # every model timed at each batch size, with its spread
+        assert model["latency_ms_b1"] > 0 and model["latency_ms_b8"] > 0 and model["latency_ms_b8_iqr"] >= 0, name
 
 
 def test_reduce_range_follows_the_cpu_and_is_recorded(exported: dict, monkeypatch) -> None:
@@ -125,6 +127,7 @@ def test_bad_input_is_one_line(capsys, lenet_ckpt: Path, tmp_path: Path) -> None
         ([f"--config={LENET}", f"--ckpt={lenet_ckpt}", "--formats=tflite"], "tflite"),
         ([f"--config={LENET}", f"--ckpt={lenet_ckpt}", "--calibration-images=4"], "calibration"),
         ([f"--config={tmp_path / 'missing.yaml'}", f"--ckpt={lenet_ckpt}"], "does not exist"),
+        ([f"--config={LENET}", f"--ckpt={lenet_ckpt}", "--batch-sizes=1,x"], "batch-sizes"),
     ):
         with pytest.raises(SystemExit) as exc:
             export_main(argv)
