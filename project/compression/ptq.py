@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from project.compression.export import example_input
-from project.compression.quantization import cached_pattern_graphs, strip_unused, check_quantizable, require_torchao
+from project.compression.quantization import (
+    annotate_or_explain,
+    cached_pattern_graphs,
+    check_quantizable,
+    require_torchao,
+    strip_unused,
+)
 from project.errors import UserError
 
 MIN_CALIBRATION = 32
@@ -40,7 +46,7 @@ def quantize_ptq(model: nn.Module, input_shape: Sequence[int], calibration: Iter
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"PTQ cannot handle {type(model).__name__}: torch.export failed ({first})") from None
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=False))
-    prepared = prepare_pt2e(exported.module(), quantizer)
+    prepared = annotate_or_explain(lambda: prepare_pt2e(exported.module(), quantizer), "PTQ", model)
     seen = 0
     with torch.no_grad():
         for images in calibration:

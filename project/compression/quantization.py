@@ -125,13 +125,29 @@ def prepare_qat(model: nn.Module, input_shape: tuple[int, ...]) -> torch.fx.Grap
     finally:
         model.train(was_training)
     quantizer = ao.X86InductorQuantizer().set_global(ao.qat_config())
-    prepared = ao.prepare_qat_pt2e(exported.module(), quantizer)
+    prepared = annotate_or_explain(lambda: ao.prepare_qat_pt2e(exported.module(), quantizer), "QAT", model)
     if not any(node.op == "call_module" and _feeds_weight(node) for node in prepared.graph.nodes):
         raise UserError(
             f"QAT cannot handle {type(model).__name__}: the x86 int8 quantizer found no Conv2d or Linear layer "
             "to quantize; pick an architecture built from conv/linear layers"
         )
     return enable_train_eval(prepared)
+
+
+def annotate_or_explain(prepare: Any, what: str, model: nn.Module) -> torch.fx.GraphModule:
+    """Run torchao's prepare step; a pattern its x86 quantizer cannot annotate becomes a one-line UserError.
+
+    torchao 0.18's quantizer fails, for example, on torchvision's ResNet-18 residual blocks ("Input partition has
+    more than one output node"); ONNX Runtime and OpenVINO quantize such networks (``python -m project export``).
+    """
+    try:
+        return prepare()
+    except (ValueError, RuntimeError, AssertionError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(
+            f"{what} cannot handle {type(model).__name__}: torchao's x86 int8 quantizer failed ({first}); "
+            "python -m project export quantizes it for ONNX Runtime and OpenVINO instead"
+        ) from None
 
 
 def _feeds_weight(node: torch.fx.Node) -> bool:

@@ -44,3 +44,15 @@ def test_too_few_calibration_images_and_quantized_models_are_one_line_errors() -
     assert fake_quantizers(prepared)
     with pytest.raises(UserError, match="already prepared"):
         quantize_ptq(prepared, (1, 28, 28), [torch.rand(64, 1, 28, 28)])
+
+
+def test_a_network_the_x86_quantizer_cannot_annotate_is_one_line_pointing_to_export() -> None:
+    """torchao 0.18's x86 quantizer fails on torchvision's ResNet-18 blocks; PTQ and QAT say so in one line."""
+    for quantize in (lambda net: quantize_ptq(net.eval(), (3, 32, 32), [torch.rand(64, 3, 32, 32)]),
+                     lambda net: prepare_qat(net, (3, 32, 32))):
+        net = build_network("resnet18", 10, 3, 32)
+        try:
+            quantize(net)
+        except UserError as err:
+            assert "\n" not in str(err) and "python -m project export" in str(err)
+        # a torchao that handles ResNet-18 quantizes it: nothing to explain then
