@@ -16,7 +16,6 @@ A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
   (:func:`project.runtime.skip_nvml_probe_without_gpu`).
 """
 
-import csv
 import os
 import re
 import shutil
@@ -24,7 +23,6 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -36,12 +34,12 @@ from project.callbacks.guards import NonFiniteLossGuard
 from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError, exit_on_user_error
+from project.predictions import PROGRAMS, predict_with_model_file, write_predictions_csv
 from project.reporting import log_hparams_with_metrics
 from project.runtime import keep_freed_memory, log_info_to_stdout, skip_nvml_probe_without_gpu
 from project.tasks import ImageClassifier
 
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
-PROGRAMS = (".pt2", ".onnx", ".xml")  # exported models that `predict` runs instead of a checkpoint
 
 
 _BOILERPLATE = ("Does not validate", "Subtypes", "Errors", "- Problem with given class_path", "Given value")
@@ -89,6 +87,7 @@ class ProjectCLI(LightningCLI):
         keep_freed_memory()
         skip_nvml_probe_without_gpu()
         kwargs.setdefault("parser_class", _Parser)
+        kwargs.setdefault("parser_kwargs", {"prog": "python -m project"})
         kwargs.setdefault("model_class", ImageClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -221,6 +220,18 @@ class ProjectCLI(LightningCLI):
             results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(_hp_metrics(results))
         self._log_hparams(metrics)
+        self._say_where_the_run_is(callback)
+
+    def _say_where_the_run_is(self, callback: Any) -> None:
+        """The last lines of a fit: the run's folder, its best checkpoint and how to look at it."""
+        logger = self.trainer.logger
+        if not self.trainer.is_global_zero or logger is None or not self.trainer.log_dir:
+            return
+        best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
+        print(f"run folder:      {self.trainer.log_dir}")
+        if best:
+            print(f"best checkpoint: {best}")
+        print(f"look at it:      tensorboard --logdir {logger.root_dir}", flush=True)
 
     def after_test(self) -> None:
         self._log_hparams(_hp_metrics([dict(self.trainer.callback_metrics)]))
@@ -233,39 +244,15 @@ class ProjectCLI(LightningCLI):
         """
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path is not None and str(ckpt_path).endswith(PROGRAMS):
-            outputs = [self._predict_with_program(Path(ckpt_path))]
+            dm = self.datamodule
+            dm.prepare_data()
+            dm.setup("predict")
+            outputs = [predict_with_model_file(Path(ckpt_path), (batch[0] for batch in dm.predict_dataloader()))]
         else:
             outputs = self.trainer.predict(**kwargs) or []
-        if not self.trainer.is_global_zero or not outputs:
-            return
-        preds = torch.cat([o["pred"] for o in outputs]).tolist()
-        probs = torch.cat([o["prob"] for o in outputs]).max(dim=-1).values.tolist()
-        path = Path(self.trainer.log_dir or ".") / "predictions.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["index", "pred", "prob"])
-            writer.writerows((i, p, f"{q:.4f}") for i, (p, q) in enumerate(zip(preds, probs)))
-        print(f"wrote {len(preds)} predictions to {path}")
-
-    def _predict_with_program(self, path: Path) -> dict[str, torch.Tensor]:
-        from project.compression.export import predict_with_program
-
-        if not path.is_file():
-            raise UserError(f"{path} does not exist: pass a model that a fit, compress or export wrote")
-        dm = self.datamodule
-        dm.prepare_data()
-        dm.setup("predict")
-        batches = (batch[0] for batch in dm.predict_dataloader())
-        if path.suffix == ".pt2":
-            return predict_with_program(path, batches)
-        from project.compression.deploy import load_runtime
-        from project.compression.export import as_unit_float
-
-        model = load_runtime(path)
-        logits = [torch.from_numpy(model(as_unit_float(images).cpu().numpy())) for images in batches]
-        prob = torch.cat(logits).softmax(dim=-1)
-        return {"pred": prob.argmax(dim=-1), "prob": prob}
+        if self.trainer.is_global_zero and outputs:
+            path = Path(self.trainer.log_dir or ".") / "predictions.csv"
+            print(f"wrote {write_predictions_csv(outputs, path)} predictions to {path}")
 
     def _log_hparams(self, metrics: dict[str, float]) -> None:
         config = self._active_config

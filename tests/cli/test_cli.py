@@ -228,3 +228,16 @@ def _fake_test_labels(data_dir: Path) -> list[int]:
     from project.data.idx import read_idx
 
     return read_idx(data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").tolist()
+
+
+def test_fit_ends_by_saying_where_the_run_is_and_help_names_the_command(tmp_path) -> None:
+    result = run_project(["fit", f"--config={REPO / 'configs' / 'quickstart.yaml'}", "--trainer.max_epochs=1",
+                          "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+                          "--trainer.enable_progress_bar=false", "--test_after_fit=false"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in result.stdout.strip().splitlines()[-3:])
+    assert (tmp_path / lines["run folder"].strip()).is_dir()
+    assert (tmp_path / lines["best checkpoint"].strip()).is_file()
+    assert lines["look at it"].strip() == "tensorboard --logdir lightning_logs/quickstart"
+    usage = run_project(["fit", "--help"], cwd=tmp_path).stdout
+    assert usage.startswith("usage: python -m project ")
