@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
         return import_module(COMMANDS[args[0]]).main(args[1:])
     from project.cli import main as cli_main
 
-    return cli_main(args)
+    return cli_main(None if argv is None else args)  # None: Lightning reads sys.argv itself (and does not warn)
 
 
 if __name__ == "__main__":

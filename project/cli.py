@@ -19,9 +19,8 @@ A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from lightning import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -34,6 +33,7 @@ from project.callbacks.guards import NonFiniteLossGuard
 from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError, exit_on_user_error
+from project.parsing import ProjectParser
 from project.predictions import PROGRAMS, predict_with_model_file, write_predictions_csv
 from project.reporting import log_hparams_with_metrics
 from project.runtime import keep_freed_memory, log_info_to_stdout, skip_nvml_probe_without_gpu
@@ -42,52 +42,14 @@ from project.tasks import ImageClassifier
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
 
 
-_BOILERPLATE = ("Does not validate", "Subtypes", "Errors", "- Problem with given class_path", "Given value")
-
-
-def summarize_parser_error(message: str) -> str:
-    """jsonargparse's nested multi-line message as one line: the full key and the innermost reason."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    if not lines:
-        return "invalid arguments"
-    keys, detail = [], lines[0]
-    for i, line in enumerate(lines):
-        match = re.match(r'(?:- )?(?:Problem with given class_path .*?:\s*)?Parser key "([^"]+)":?\s*(.*)', line)
-        if match:
-            keys.append(match.group(1))
-            rest = match.group(2) or next((n for n in lines[i + 1 :] if not n.startswith(_BOILERPLATE)), "")
-            detail = rest.removeprefix("- ")
-    if keys:
-        detail = f"{'.'.join(dict.fromkeys(keys))}: {detail}"
-    return f"{detail} (run with --help to see the options)"
-
-
-class _Parser(LightningArgumentParser):
-    """Reports bad arguments as one line through UserError instead of a page of usage."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:  # jsonargparse is trying alternatives internally: let it
-            super().error(message, ex)
-        sys.stderr.write(f"error: {summarize_parser_error(message)}\n")
-        raise SystemExit(2)
-
-    def save(self, cfg: Any, path: Any, *args: Any, skip_check: bool = True, **kwargs: Any) -> None:
-        """jsonargparse's ``save``, without validating again a config that parsing has already validated.
-
-        Lightning's SaveConfigCallback saves the run's config at the start of every fit; the second
-        validation took 0.05-0.07 s of it on this project's machine and wrote the same file.
-        """
-        super().save(cfg, path, *args, skip_check=skip_check, **kwargs)
-
-
 class ProjectCLI(LightningCLI):
     """LightningCLI with this project's links, defaults and checks (see the module docstring)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         keep_freed_memory()
         skip_nvml_probe_without_gpu()
-        kwargs.setdefault("parser_class", _Parser)
-        kwargs.setdefault("parser_kwargs", {"prog": "python -m project"})
+        kwargs.setdefault("parser_class", ProjectParser)
+        kwargs.setdefault("parser_kwargs", {"prog": "python -m project", "allow_abbrev": False})
         kwargs.setdefault("model_class", ImageClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)

@@ -6,11 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from project.cli import main
 from tests import fakes
-from tests.conftest import REPO
+from tests.conftest import REPO, run_project
 
 LENET = str(REPO / "configs" / "mnist_lenet.yaml")
 FOLDER = str(REPO / "configs" / "finetune" / "folder.yaml")
@@ -140,3 +139,25 @@ def test_bad_input_is_one_clear_line(case: str, fake_mnist_dir, tmp_path, monkey
     new = [p for p in after if p not in before]
     assert not any(p.endswith(".ckpt") for p in new), new
     assert not any("version_" in p for p in new), new  # no run folder for a run that never started
+
+
+@pytest.mark.parametrize(
+    ("args", "suggestion"),
+    [
+        (["--trainer.max_epoch", "2"], "--trainer.max_epochs"),  # an abbreviation is not accepted
+        (["--trainer.max_epoh", "2"], "--trainer.max_epochs"),  # a typo
+        (["--model.init_args.lr", "0.1"], "--model.init_args.optimizer.init_args.lr"),  # misplaced
+    ],
+)
+def test_unknown_options_are_refused_with_a_did_you_mean(args, suggestion, tmp_path) -> None:
+    result = run_project(["fit", f"--config={REPO / 'configs' / 'quickstart.yaml'}", *args], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith(f"did you mean {suggestion}?"), lines
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_misspelled_config_path_gets_the_closest_config(tmp_path) -> None:
+    result = run_project(["fit", f"--config={REPO / 'configs' / 'quikstart.yaml'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(f"did you mean {REPO / 'configs' / 'quickstart.yaml'}?")
