@@ -61,7 +61,8 @@ class ProjectCLI(LightningCLI):
             {
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "lightning_logs", "name": "default", "default_hp_metric": False},
+                    # save_dir "default": <trainer.default_root_dir>/lightning_logs, resolved before the logger is built
+                    "init_args": {"save_dir": "default", "name": "default", "default_hp_metric": False},
                 },
             },
         )
@@ -102,9 +103,11 @@ class ProjectCLI(LightningCLI):
                 raise UserError(f"trainer.{key} must be >= 0 (max_epochs -1 means no limit), got {value}")
         logger = config.trainer.logger
         configs = config.get("config") or []
-        if configs and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
-            if logger.init_args.get("name") == "default":
+        if getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
+            if configs and logger.init_args.get("name") == "default":
                 logger.init_args.name = Path(str(configs[0])).stem
+            if str(logger.init_args.get("save_dir")) == "default":  # the logger's own save_dir, when given, wins
+                logger.init_args.save_dir = str(Path(config.trainer.get("default_root_dir") or ".") / "lightning_logs")
         data_args = getattr(config.data, "init_args", None)
         if data_args is not None and data_args.get("val_size", None) == 0 and str(config.checkpoint.monitor).startswith("val/"):
             config.checkpoint.monitor = None  # no validation: keep the newest weights as best.ckpt
@@ -161,7 +164,7 @@ class ProjectCLI(LightningCLI):
         if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(
                 f"cannot write the run's logs under {root}: {existing} is not a writable folder;"
-                " pass a writable --trainer.logger.init_args.save_dir"
+                " pass a writable --trainer.default_root_dir (or --trainer.logger.init_args.save_dir)"
             )
 
     def _find_last_checkpoint(self) -> Path:

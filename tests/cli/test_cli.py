@@ -241,3 +241,18 @@ def test_fit_ends_by_saying_where_the_run_is_and_help_names_the_command(tmp_path
     assert lines["look at it"].strip() == "tensorboard --logdir lightning_logs/quickstart"
     usage = run_project(["fit", "--help"], cwd=tmp_path).stdout
     assert usage.startswith("usage: python -m project ")
+
+
+def test_default_root_dir_is_where_the_run_goes_and_an_unwritable_one_fails_at_start(tmp_path) -> None:
+    quick = [f"--config={REPO / 'configs' / 'quickstart.yaml'}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--test_after_fit=false"]
+    result = run_project(["fit", *quick, "--trainer.default_root_dir=out"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "lightning_logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "lightning_logs").exists()
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_project(["fit", *quick, f"--trainer.default_root_dir={tmp_path / 'a_file' / 'runs'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "default_root_dir" in lines[0], lines
+    assert (tmp_path / "a_file").read_text() == "not a folder"
