@@ -189,11 +189,11 @@ class ProjectCLI(LightningCLI):
 
     def _say_where_the_run_is(self, callback: Any) -> None:
         """The last lines of a fit: the run's folder, its best checkpoint and how to look at it."""
-        logger = self.trainer.logger
-        if not self.trainer.is_global_zero or logger is None or not self.trainer.log_dir:
+        logger, log_dir = self.trainer.logger, self.trainer.log_dir  # log_dir is a collective call: every rank asks
+        if not self.trainer.is_global_zero or logger is None or not log_dir:
             return
         best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
-        print(f"run folder:      {self.trainer.log_dir}")
+        print(f"run folder:      {log_dir}")
         if best:
             print(f"best checkpoint: {best}")
         print(f"look at it:      tensorboard --logdir {logger.root_dir}", flush=True)
