@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from project.commands._args import check_calibration, check_config, check_passed_on, choose, timing
 from project.errors import UserError, exit_on_user_error
 
 VARIANTS = ("fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8")
@@ -83,28 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args, extra = build_parser().parse_known_args(argv)
-    bad = [a for a in extra if a.startswith("-") and not a.startswith(("--data.", "--model.", "--trainer.", "--seed"))]
-    if bad:
-        raise UserError(f"unknown argument {bad[0]}: see python -m project compress --help")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise UserError(f"unknown variant {unknown[0] if unknown else '(none)'}: choose from {','.join(VARIANTS)}")
-    args.variants = list(dict.fromkeys(variants))
+    check_passed_on(extra, "compress")
+    args.variants = choose(args.variants, VARIANTS, "variant")
     if args.finetune_epochs < 1:
         raise UserError(f"--finetune-epochs must be >= 1, got {args.finetune_epochs}")
-    if "ptq" in args.variants and args.calibration_images < 32:
-        raise UserError(f"--calibration-images must be >= 32, got {args.calibration_images}")
-    try:
-        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
-    if not args.batch_sizes or min(args.batch_sizes) < 1:
-        raise UserError(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
-    if args.warmup < 0 or args.repeats < 1:
-        raise UserError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
-    if not Path(args.config).is_file():
-        raise UserError(f"config {args.config} does not exist: pass the config the checkpoint was trained with")
+    if "ptq" in args.variants:
+        check_calibration(args.calibration_images)
+    args.batch_sizes = timing(args.batch_sizes, args.warmup, args.repeats)
+    check_config(args.config)
     with variant_dir(args.variant_dir) as folder:
         for v in args.variants:
             if v not in NO_FINETUNE and not (folder / f"{v}.yaml").is_file():

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from project.commands._args import check_calibration, check_config, check_passed_on, choose, timing
 from project.errors import UserError, exit_on_user_error
 
 FORMATS = ("onnx", "openvino")
@@ -51,24 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args, extra = build_parser().parse_known_args(argv)
-    bad = [a for a in extra if a.startswith("-") and not a.startswith(("--data.", "--model.", "--trainer.", "--seed"))]
-    if bad:
-        raise UserError(f"unknown argument {bad[0]}: see python -m project export --help")
-    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise UserError(f"unknown format {unknown[0] if unknown else '(none)'}: choose from {','.join(FORMATS)}")
-    args.formats = list(dict.fromkeys(formats))
-    if args.int8 and args.calibration_images < 32:
-        raise UserError(f"--calibration-images must be >= 32, got {args.calibration_images}")
-    try:
-        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
-    if any(b < 1 for b in args.batch_sizes) or args.warmup < 0 or args.repeats < 2:
-        raise UserError("--batch-sizes must be positive, --warmup >= 0 and --repeats >= 2")
-    if not Path(args.config).is_file():
-        raise UserError(f"config {args.config} does not exist: pass the config the checkpoint was trained with")
+    check_passed_on(extra, "export")
+    args.formats = choose(args.formats, FORMATS, "format")
+    if args.int8:
+        check_calibration(args.calibration_images)
+    args.batch_sizes = timing(args.batch_sizes, args.warmup, args.repeats, allow_none=True)
+    check_config(args.config)
     return args, extra
 
 

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from project.compression.export import input_contract, with_input_normalization
+from project.compression.export import MIN_CALIBRATION, input_contract, with_input_normalization
 from project.errors import UserError
 
 FORMATS = {".onnx": "onnxruntime", ".xml": "openvino"}
-MIN_CALIBRATION = 32
 
 
 def require(runtime: str):

@@ -28,6 +28,7 @@ from torch import nn
 from project.errors import UserError
 
 FORMATS = (".pt2",)
+MIN_CALIBRATION = 32  # fewest images that calibrate int8 (post-training quantization in any runtime)
 INPUT_CONTRACT = "input.json"
 
 

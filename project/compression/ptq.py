@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from project.compression.export import example_input
+from project.compression.export import MIN_CALIBRATION, example_input
 from project.compression.quantization import (
     annotate_or_explain,
     cached_pattern_graphs,
@@ -24,7 +24,6 @@ from project.compression.quantization import (
 )
 from project.errors import UserError
 
-MIN_CALIBRATION = 32
 
 
 def quantize_ptq(model: nn.Module, input_shape: Sequence[int], calibration: Iterable[torch.Tensor]) -> torch.fx.GraphModule:
