@@ -80,11 +80,13 @@ def run_project(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.
     )
 
 
-def run_python(code: str, cwd: Path, project_on_path: bool = True) -> dict:
-    """Run ``code`` in a fresh interpreter and return the JSON object it prints last."""
-    env = {"PYTHONPATH": str(REPO)} if project_on_path else {}
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env, "PYTHONWARNINGS": "ignore"}
+def run_python(code: str, cwd: Path, project_on_path: bool = True, env: dict[str, str] | None = None,
+               timeout: float = 120) -> dict:
+    """Run ``code`` in a fresh interpreter (with ``env`` added to the environment) and return the JSON object
+    it prints last."""
+    extra = {"PYTHONPATH": str(REPO)} if project_on_path else {}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **extra, "PYTHONWARNINGS": "ignore", **(env or {})}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -54,6 +54,9 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
         export: At the end of fit, write the int8 model to ``<log_dir>/<export_name>``.
         export_name: File name of the int8 model (``.pt2``).
         keep_sparsity: Keep weights that are exactly zero when training starts at zero (pruned weights).
+        reduce_range: Quantize activations to 7 bits. ``None`` (default): on exactly where the CPU has no VNNI,
+            whose int8 kernels saturate on full-range activations (:mod:`project.compression.cpu`). Set it to
+            train on one machine for another; a resumed run must keep the value it started with.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
         export: bool = True,
         export_name: str = "model_int8.pt2",
         keep_sparsity: bool = True,
+        reduce_range: bool | None = None,
     ) -> None:
         if start_epoch < 0:
             raise UserError(f"QAT start_epoch must be >= 0, got {start_epoch}")
@@ -85,6 +89,7 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
         self.export = export
         self.export_name = export_name
         self.keep_sparsity = keep_sparsity
+        self.reduce_range = reduce_range
         self.export_path: Path | None = None
         self._prepared: nn.Module | None = None
         self._input_shape: tuple[int, ...] = ()
@@ -103,6 +108,23 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
                 "project.callbacks.QuantizationAwareTraining callback (see configs/qat/) to resume or test it"
             )
         return None
+
+    CHECKPOINT_KEY = "int8_settings"  # how the run quantizes, kept in its checkpoints (not callback state,
+    # which would make two QAT callbacks a Lightning error before the one-line refusal in setup)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        settings = getattr(self._prepared, Q.SETTINGS_ATTR, None)
+        if settings:
+            checkpoint[self.CHECKPOINT_KEY] = dict(settings)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get(self.CHECKPOINT_KEY) or {}).get("reduce_range")
+        now = (getattr(self._prepared, Q.SETTINGS_ATTR, None) or {}).get("reduce_range")
+        if saved is not None and now is not None and saved != now:
+            raise UserError(
+                f"this QAT checkpoint was trained with reduce_range={saved} but this run quantizes with "
+                f"reduce_range={now} (chosen from this CPU): set the callback's reduce_range: {str(saved).lower()}"
+            )
 
     # ---- preparing the model ---------------------------------------------------------------------
 
@@ -124,7 +146,7 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
         if stage == "fit" and self.export:
             input_normalization(trainer)  # the exported program will need it: fail before training, not after
         self._input_shape = input_shape(pl_module)
-        prepared = Q.prepare_qat(net, self._input_shape)
+        prepared = Q.prepare_qat(net, self._input_shape, self.reduce_range)
         pl_module.net = prepared
         self._prepared = prepared
         # Until the schedule says otherwise (and unless a checkpoint restores them), compute in float.

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from project.compression.cpu import choose_reduce_range, cpu_has_vnni
 from project.compression.export import MIN_CALIBRATION, input_contract, with_input_normalization
 from project.errors import UserError
 
@@ -38,15 +39,6 @@ def require(runtime: str):
         return importlib.import_module(runtime)
     except ImportError as err:
         raise UserError(f"{runtime} is not installed ({err}): pip install {runtime}") from None
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI), read from /proc/cpuinfo (False elsewhere)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags.split(":", 1)[1].split()))
 
 
 def check_calibration(images: np.ndarray) -> None:
@@ -84,7 +76,7 @@ def quantize_onnx(fp32: Path, path: Path, calibration: np.ndarray, reduce_range:
     """ONNX Runtime static int8 (QDQ, per-channel weights) of ``fp32`` calibrated on ``calibration`` images."""
     check_calibration(calibration)
     ort_quant = require("onnxruntime.quantization")
-    reduce = (not cpu_has_vnni()) if reduce_range is None else reduce_range
+    reduce = choose_reduce_range(reduce_range)
     name = require("onnxruntime").InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
 
     class Reader(ort_quant.CalibrationDataReader):
@@ -102,7 +94,7 @@ def quantize_onnx(fp32: Path, path: Path, calibration: np.ndarray, reduce_range:
             str(prepared), str(path), Reader(), quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
             reduce_range=reduce, activation_type=ort_quant.QuantType.QUInt8, weight_type=ort_quant.QuantType.QInt8,
         )
-    _set_metadata(path, {"reduce_range": str(reduce).lower()})
+    _set_metadata(path, {"reduce_range": str(reduce).lower(), "built_with_vnni": str(cpu_has_vnni()).lower()})
     return path
 
 

@@ -3,7 +3,9 @@
 **The input contract.** A shipped program takes float32 images ``[B, C, H, W]`` with values in [0, 1]
 (torchvision's ``ToImage()`` + ``ToDtype(torch.float32, scale=True)``), any batch size, and normalises
 them itself: the dataset's mean and std are the program's first op. The contract is stored in the
-archive as ``extra/input.json`` (``torch.export.load(path, extra_files={"input.json": ""})`` reads it).
+archive as ``extra/input.json`` (``torch.export.load(path, extra_files={"input.json": ""})`` reads it);
+an int8 program also records there how it was quantized (``"int8": {"reduce_range": ..., "built_with_vnni": ...}``,
+see :mod:`project.compression.cpu`).
 
 Formats, chosen by the file's suffix:
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -89,8 +92,12 @@ def save_program(
         for key in ("stack_trace", "from_node", "source_fn_stack", "nn_module_stack", "torch_fn"):
             node.meta.pop(key, None)
     program.example_inputs = None
+    contract = input_contract(input_shape, mean, std)
+    settings = getattr(model, "int8_settings", None)  # set by project.compression.quantization on int8 models
+    if settings:
+        contract["int8"] = settings
     archive = io.BytesIO()
-    torch.export.save(program, archive, extra_files={INPUT_CONTRACT: json.dumps(input_contract(input_shape, mean, std))})
+    torch.export.save(program, archive, extra_files={INPUT_CONTRACT: json.dumps(contract)})
     _write_deflated(archive, path)
     return path
 
@@ -135,7 +142,25 @@ def load_program(path: str | Path, compile: bool = False) -> nn.Module:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"{path} is unreadable ({first}): it is truncated or not a .pt2 export") from None
     module = program.module()
+    if compile:
+        warn_if_saturating(path)
     return CompiledProgram(module) if compile else module
+
+
+def warn_if_saturating(path: str | Path) -> None:
+    """One warning line when a full-range int8 program is about to run on int8 kernels that saturate."""
+    from project.compression.cpu import cpu_has_vnni
+
+    try:
+        settings = read_input_contract(path).get("int8")
+    except (UserError, zipfile.BadZipFile, json.JSONDecodeError):
+        return
+    if settings and not settings.get("reduce_range") and not cpu_has_vnni():
+        warnings.warn(
+            f"{path} holds full-range int8 (reduce_range off) and this CPU has no VNNI: its compiled int8 kernels may "
+            "saturate and lose accuracy; run it uncompiled, or quantize again with reduce_range on (the default here)",
+            stacklevel=2,
+        )
 
 
 def read_input_contract(path: str | Path) -> dict[str, Any]:

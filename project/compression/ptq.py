@@ -16,25 +16,28 @@ from torch import nn
 
 from project.compression.export import MIN_CALIBRATION, example_input
 from project.compression.quantization import (
+    SETTINGS_ATTR,
     annotate_or_explain,
     cached_pattern_graphs,
     check_quantizable,
     require_torchao,
     strip_unused,
+    x86_quantizer,
 )
 from project.errors import UserError
 
 
-
-def quantize_ptq(model: nn.Module, input_shape: Sequence[int], calibration: Iterable[torch.Tensor]) -> torch.fx.GraphModule:
+def quantize_ptq(
+    model: nn.Module, input_shape: Sequence[int], calibration: Iterable[torch.Tensor], reduce_range: bool | None = None
+) -> torch.fx.GraphModule:
     """An int8 copy of ``model`` calibrated on ``calibration`` batches (images as the network takes them).
 
     ``model`` itself is left untouched. Raises a one-line UserError for a model that is already quantized or
-    cannot be exported, and for fewer than :data:`MIN_CALIBRATION` calibration images.
+    cannot be exported, and for fewer than :data:`MIN_CALIBRATION` calibration images. ``reduce_range``: 7-bit
+    activations, by default where the CPU has no VNNI (:func:`~project.compression.quantization.x86_quantizer`).
     """
     ao = require_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     check_quantizable(model)
     float_model = copy.deepcopy(model).cpu().eval()
@@ -44,7 +47,7 @@ def quantize_ptq(model: nn.Module, input_shape: Sequence[int], calibration: Iter
     except Exception as err:  # torch.export raises many types; all mean "cannot trace this model"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"PTQ cannot handle {type(model).__name__}: torch.export failed ({first})") from None
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=False))
+    quantizer, settings = x86_quantizer(is_qat=False, reduce_range=reduce_range)
     prepared = annotate_or_explain(lambda: prepare_pt2e(exported.module(), quantizer), "PTQ", model)
     seen = 0
     with torch.no_grad():
@@ -56,4 +59,5 @@ def quantize_ptq(model: nn.Module, input_shape: Sequence[int], calibration: Iter
     with torch.no_grad(), cached_pattern_graphs():
         converted = ao.convert_pt2e(prepared, fold_quantize=True)
     strip_unused(converted)
+    setattr(converted, SETTINGS_ATTR, settings)
     return converted

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from project.compression.cpu import choose_reduce_range, int8_settings
 from project.compression.export import example_input
 from project.compression.graph_mode import bn_frozen, enable_train_eval, freeze_bn, set_graph_mode
 from project.errors import UserError
@@ -51,8 +52,25 @@ def require_torchao() -> Any:
         prepare_qat_pt2e=prepare_qat_pt2e,
         convert_pt2e=convert_pt2e,
         X86InductorQuantizer=x86_inductor_quantizer.X86InductorQuantizer,
-        qat_config=lambda: x86_inductor_quantizer.get_default_x86_inductor_quantization_config(is_qat=True),
+        x86_inductor_quantizer=x86_inductor_quantizer,
     )
+
+
+def x86_quantizer(is_qat: bool, reduce_range: bool | None = None) -> tuple[Any, dict[str, bool]]:
+    """torchao's x86 quantizer (per-channel int8 weights, uint8 activations) and the settings to record.
+
+    ``reduce_range`` (7-bit activations) follows :func:`project.compression.cpu.choose_reduce_range`: on
+    where the CPU has no VNNI, whose int8 kernels would otherwise saturate; ``True``/``False`` override.
+    """
+    xiq = require_torchao().x86_inductor_quantizer
+    reduce = choose_reduce_range(reduce_range)
+    config = xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat, reduce_range=reduce)
+    return xiq.X86InductorQuantizer().set_global(config), int8_settings(reduce)
+
+
+#: Attribute of a prepared or converted GraphModule holding :func:`project.compression.cpu.int8_settings`;
+#: :func:`project.compression.export.save_program` records it in the artifact.
+SETTINGS_ATTR = "int8_settings"
 
 
 # ---- state checks ----------------------------------------------------------------------------------
@@ -102,7 +120,7 @@ def check_quantizable(model: nn.Module) -> None:
 # ---- prepare ---------------------------------------------------------------------------------------
 
 
-def prepare_qat(model: nn.Module, input_shape: tuple[int, ...]) -> torch.fx.GraphModule:
+def prepare_qat(model: nn.Module, input_shape: tuple[int, ...], reduce_range: bool | None = None) -> torch.fx.GraphModule:
     """Export ``model`` (input ``[B, *input_shape]``, B dynamic) and insert int8 fake-quant modules.
 
     The model should be in training mode (BatchNorm then trains; :func:`~project.compression.graph_mode.enable_train_eval` lets
@@ -124,8 +142,9 @@ def prepare_qat(model: nn.Module, input_shape: tuple[int, ...]) -> torch.fx.Grap
         ) from None
     finally:
         model.train(was_training)
-    quantizer = ao.X86InductorQuantizer().set_global(ao.qat_config())
+    quantizer, settings = x86_quantizer(is_qat=True, reduce_range=reduce_range)
     prepared = annotate_or_explain(lambda: ao.prepare_qat_pt2e(exported.module(), quantizer), "QAT", model)
+    setattr(prepared, SETTINGS_ATTR, settings)
     if not any(node.op == "call_module" and _feeds_weight(node) for node in prepared.graph.nodes):
         raise UserError(
             f"QAT cannot handle {type(model).__name__}: the x86 int8 quantizer found no Conv2d or Linear layer "
@@ -189,6 +208,7 @@ def convert_copy(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     with torch.no_grad(), cached_pattern_graphs():
         converted = ao.convert_pt2e(model, fold_quantize=True)
     strip_unused(converted)
+    setattr(converted, SETTINGS_ATTR, getattr(prepared, SETTINGS_ATTR, None))
     return converted
 
 

@@ -169,12 +169,13 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
 
 
 def test_mid_qat_resume_matches_an_uninterrupted_run(tmp_path):
-    def fit(epochs: int, ckpt_path=None, folder="run") -> ImageClassifier:
+    def fit(epochs: int, ckpt_path=None, folder="run", reduce_range=None) -> ImageClassifier:
         seed_everything(0)
         train, val = block_loaders(n=96, shuffle=False)
         model = toy_classifier()
         ckpt = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
-        qat = QuantizationAwareTraining(freeze_observers_epoch=1, export=False, evaluate_int8=False)
+        qat = QuantizationAwareTraining(freeze_observers_epoch=1, export=False, evaluate_int8=False,
+                                        reduce_range=reduce_range)
         trainer = cpu_trainer(
             tmp_path / folder, [qat, ckpt], logger="csv", max_epochs=epochs, enable_checkpointing=True
         )
@@ -192,6 +193,12 @@ def test_mid_qat_resume_matches_an_uninterrupted_run(tmp_path):
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     assert not Q.observers_enabled(resumed.net)
+    # the checkpoint records how it quantized; resuming with the other activation range is refused in one line
+    saved = torch.load(last, weights_only=True)[QuantizationAwareTraining.CHECKPOINT_KEY]["reduce_range"]
+    assert saved == Q.choose_reduce_range()
+    with pytest.raises(UserError, match=f"reduce_range: {str(saved).lower()}") as err:
+        fit(2, ckpt_path=last, folder="other_range", reduce_range=not saved)
+    assert "\n" not in str(err.value)
 
 
 DDP_SCRIPT = """
