@@ -14,7 +14,11 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] and args[0] in COMMANDS:
         from importlib import import_module
 
-        return import_module(COMMANDS[args[0]]).main(args[1:])
+        from project.runtime import finish_distributed
+
+        import_module(COMMANDS[args[0]]).main(args[1:])
+        finish_distributed()  # their fits may have run distributed: end it while the interpreter is whole
+        return None
     from project.cli import main as cli_main
 
     return cli_main(None if argv is None else args)  # None: Lightning reads sys.argv itself (and does not warn)

@@ -36,7 +36,7 @@ from project.errors import UserError, exit_on_user_error
 from project.parsing import ProjectParser
 from project.predictions import PROGRAMS, predict_with_model_file, write_predictions_csv
 from project.reporting import log_hparams_with_metrics
-from project.runtime import keep_freed_memory, log_info_to_stdout, skip_nvml_probe_without_gpu
+from project.runtime import finish_distributed, keep_freed_memory, log_info_to_stdout, skip_nvml_probe_without_gpu
 from project.tasks import ImageClassifier
 
 _SPECIAL_CKPT = {"best", "last", "hpc", "registry"}
@@ -241,9 +241,16 @@ def _hp_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``python -m project``."""
+    """Entry point of ``python -m project``: run the subcommand, then end the distributed run cleanly
+    (:func:`project.runtime.finish_distributed`); a rank launched by this one that failed fails the command."""
     log_info_to_stdout()
-    exit_on_user_error(ProjectCLI, args)
+    cli = exit_on_user_error(ProjectCLI, args)
+    launcher = getattr(getattr(cli, "trainer", None) and cli.trainer.strategy, "launcher", None)
+    children = list(getattr(launcher, "procs", None) or [])
+    del cli
+    status = finish_distributed(children)
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Process-wide settings that the CLI applies before it builds anything."""
+"""Process-wide settings that the CLI applies before it builds anything, and the end of a distributed run."""
 
 import ctypes
 import logging
 import os
+import subprocess
 import sys
+from collections.abc import Sequence
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -71,3 +73,42 @@ def log_info_to_stdout() -> None:
                 out = logging.StreamHandler(sys.stdout)
                 out.addFilter(_NoAdverts())
                 logger.addHandler(out)
+
+
+def finish_distributed(children: Sequence[subprocess.Popen] = (), timeout_s: float = 600) -> int:
+    """End this process's part in a distributed run while the interpreter is still whole, then wait for the
+    ranks it launched. Returns the first non-zero exit status among them (0 when all succeeded).
+
+    Why: a collective's tensors are freed by the backend's worker thread that ran it, slightly after the
+    caller has its result. A tensor Python has seen needs the GIL to be freed; a thread that asks for the GIL
+    once the interpreter is finalizing is ended with ``pthread_exit``, whose unwinding through gloo's
+    ``noexcept`` worker loop calls ``std::terminate``: "terminate called without an active exception" and
+    exit 134 after a run that finished (seen in a core dump: ``ProcessGroupGloo::runLoop`` ->
+    ``~AsyncBroadcastWork`` -> ``decref`` -> ``take_gil`` -> ``pthread_exit``, the main thread in
+    ``Py_FinalizeEx``). Lightning's atexit ``destroy_process_group`` does not prevent it: DDP's reducer keeps
+    the group, and its worker threads, alive until the process ends. So every rank ends with a barrier:
+    gloo's barrier takes the lock under which workers free finished work and waits for everything queued
+    before it, and it carries no Python tensor of its own, so nothing is left for a worker to free. Then the
+    group is destroyed (Lightning's atexit handler becomes a no-op).
+
+    The launching process (Lightning starts ranks 1..N-1 as child processes) then waits for its children, so
+    a rank that fails after rank 0 is done is not lost: its status becomes the command's.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+        dist.destroy_process_group()
+    status = 0
+    for rank, child in enumerate(children, start=1):
+        try:
+            code = child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = child.wait()
+        if code and not status:
+            print(f"error: rank {rank} (pid {child.pid}) exited with status {code} after this rank finished", file=sys.stderr)
+            status = code if code > 0 else 128 - code
+    return status

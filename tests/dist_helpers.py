@@ -136,3 +136,23 @@ class RankRecorder(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end(trainer, "test")
+
+
+class FailRankAtExit(Callback):
+    """On rank ``rank``, exit with ``status`` as the interpreter exits, after the run has finished everywhere:
+    a rank that fails after rank 0 is done, which rank 0's own exit status must not hide."""
+
+    def __init__(self, rank: int = 1, status: int = 7) -> None:
+        self.rank, self.status = rank, status
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_rank == self.rank:
+            import atexit
+            import os
+            import sys
+
+            def fail() -> None:
+                sys.stdout.flush()
+                os._exit(self.status)
+
+            atexit.register(fail)

@@ -43,6 +43,7 @@ CPU = REPO / "configs" / "trainer" / "cpu.yaml"
 VAL_SIZE = 1001  # odd on purpose: uneven shards (501/500 validation, 2500/2499 training images per rank)
 EPOCHS = 2
 N_TRAIN, N_TEST = 6000, 1000  # the shipped sample
+ABORT = "terminate called"  # C++'s std::terminate at exit after a finished run (project.runtime.finish_distributed)
 
 FREEZING = {
     "class_path": "project.callbacks.freezing.FreezeSchedule",
@@ -115,7 +116,7 @@ def ddp_run(request, tmp_path_factory) -> dict:
          *_common(SAMPLE_DIR)],
         cwd=work,
     )
-    assert result.returncode == 0, f"{combo}: DDP fit failed\n{result.stderr[-4000:]}"
+    assert result.returncode == 0 and ABORT not in result.stderr, f"{combo}: DDP fit failed\n{result.stderr[-4000:]}"
     version = work / "lightning_logs" / "mnist_lenet" / "version_0"
     return {"combo": combo, "work": work, "version": version, "ranks": _ranks(work / "ddp_ranks"), "data": SAMPLE_DIR}
 
@@ -199,7 +200,7 @@ def test_ddp_checkpoint_tests_the_same_in_a_single_process(ddp_run) -> None:
          *_common(ddp_run["data"])],
         cwd=work,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0 and ABORT not in result.stderr, result.stderr[-4000:]
     (single,) = _ranks(work / "single_ranks")
     assert single["world_size"] == 1
     ddp_test = ddp_run["ranks"][0]["test"][0]
@@ -265,7 +266,7 @@ def test_offline_config_runs_under_ddp_on_real_data_and_its_checkpoint_tests_the
     quick = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=40", "--trainer.limit_val_batches=5",
              "--trainer.enable_model_summary=false", "--data.init_args.batch_size=32", *data]
     fit = run_project(["fit", f"--config={path}", f"--config={DDP_CPU}", *quick], cwd=tmp_path)
-    assert fit.returncode == 0, f"{name}: DDP fit failed\n{fit.stderr[-4000:]}"
+    assert fit.returncode == 0 and ABORT not in fit.stderr, f"{name}: DDP fit failed\n{fit.stderr[-4000:]}"
     runs = tmp_path / "lightning_logs" / path.stem
     ddp = scalars(runs / "version_0")
     assert len(ddp["train/loss_epoch"]) == 2 and len(ddp["train/acc"]) == 2  # both epochs' synced training metrics
@@ -313,7 +314,7 @@ def test_two_nodes_from_a_launcher_form_one_group_on_real_data(kind, tmp_path) -
         procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
+        assert p.returncode == 0 and ABORT not in err, err[-4000:]
     rank1, rank0 = (out for out, _ in outs)
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in rank0 and "GLOBAL_RANK: 1, MEMBER: 2/2" in rank1
     logged = scalars(tmp_path / "lightning_logs" / "quickstart" / "version_0")

@@ -3,6 +3,7 @@ empty folder, so nothing can be read from the checkout (configs, package data, t
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,13 @@ import pytest
 
 from tests.conftest import REPO
 
-IGNORE = shutil.ignore_patterns(".git", "lightning_logs", "build", "dist", "*.egg-info", "__pycache__", "data", ".scratch")
+TOP_LEVEL_IGNORED = {".git", ".venv", "lightning_logs", "build", "dist", "data", ".scratch"}  # data/: downloads, not project/data
+
+
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    """What the copy of the checkout leaves out: run outputs and downloads at its top, caches anywhere."""
+    top = {n for n in names if n in TOP_LEVEL_IGNORED} if Path(folder) == REPO else set()
+    return top | {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
 
 
 def _run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -21,15 +28,29 @@ def _run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.Comp
     return result
 
 
+def running_site_dirs() -> list[str]:
+    """The site-packages folders of the interpreter running the tests: a venv's, a conda env's or the system's.
+
+    ``venv --system-site-packages`` would see the *base* interpreter's site-packages, which inside a venv are
+    not where the dependencies were installed.
+    """
+    dirs = [*site.getsitepackages(), site.getusersitepackages() if site.ENABLE_USER_SITE else ""]
+    return [d for d in dict.fromkeys(dirs) if d and Path(d).is_dir()]
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The python of a venv holding the project's wheel (its dependencies come from this interpreter's site)."""
+    """The python of a fresh venv holding the project's wheel. Its dependencies come from the running
+    interpreter's site-packages, listed in a ``.pth`` file as plain folders: their own ``.pth`` files (the
+    editable install of the checkout among them) are not processed, so ``project`` can only be the wheel."""
     root = tmp_path_factory.mktemp("install")
-    shutil.copytree(REPO, root / "src", ignore=IGNORE)
+    shutil.copytree(REPO, root / "src", ignore=_ignore)
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(root / "wheels"),
           str(root / "src")], cwd=root)
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")], cwd=root)
+    _run([sys.executable, "-m", "venv", str(root / "venv")], cwd=root)
     python = root / "venv" / "bin" / "python"
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).stdout.strip()
+    (Path(purelib) / "running_interpreter_site.pth").write_text("\n".join(running_site_dirs()) + "\n")
     (wheel,) = (root / "wheels").glob("*.whl")
     _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=root)
     return python
