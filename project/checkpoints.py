@@ -1,4 +1,5 @@
-"""Finding and checking checkpoints before Lightning loads them."""
+"""Finding, checking and reading checkpoints: the one place a checkpoint file is read
+(:func:`load_checkpoint`) and turned into a network (:func:`load_network`)."""
 
 import os
 import pickle
@@ -11,6 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from project.errors import UserError
+from project.models import Classifier, build_network
 
 
 _LOADED: dict[tuple[str, int, int], dict[str, Any]] = {}
@@ -103,6 +105,54 @@ def check_checkpoint_fits(
     common = set(state) & set(own)
     if own and not common:
         raise UserError(f"checkpoint {path} shares no weights with the model: it is of another architecture")
+
+
+def load_network(path: str | Path, what: str = "checkpoint") -> tuple[Classifier, dict[str, Any]]:
+    """The network of a checkpoint written by this project's ``fit``, with its hyper-parameters.
+
+    The architecture comes from the checkpoint's ``hyper_parameters`` (``arch``, ``arch_kwargs``,
+    ``num_classes``, ``in_channels``, ``image_size``), the weights from its ``net.*`` entries, loaded strictly.
+    ``what`` names the file in messages (``"teacher checkpoint"``). Every problem is a one-line UserError.
+    """
+    checkpoint = load_checkpoint(path)  # weights_only=True; missing or unreadable -> UserError
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(state, dict) or not {"arch", "num_classes"} <= set(hparams):
+        raise UserError(
+            f"{what} {path} has no hyper_parameters with 'arch' and 'num_classes' or no state_dict: "
+            "use a checkpoint written by `python -m project fit`"
+        )
+    hparams = dict(hparams)
+    hparams.setdefault("in_channels", 1)
+    hparams.setdefault("image_size", 28)
+    hparams["arch_kwargs"] = dict(hparams.get("arch_kwargs") or {})
+    try:
+        net = build_network(
+            hparams["arch"], hparams["num_classes"], hparams["in_channels"], hparams["image_size"], **hparams["arch_kwargs"]
+        )
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{what} {path}: cannot build its network ({err})") from None
+    weights = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(
+            f"{what} {path}: its weights do not fit its architecture {hparams['arch']!r} ({first}); "
+            "use the fp32 checkpoint of a plain, unpruned and unquantized run"
+        ) from None
+    return net, hparams
+
+
+def check_checkpoint_of_config(path: str | Path, model: nn.Module) -> None:
+    """``path`` must be a dense checkpoint of the architecture the config builds (``model``, whose ``hparams``
+    name its ``arch``): what ``compress`` and ``export`` take. One-line UserError otherwise."""
+    hparams = load_checkpoint(path).get("hyper_parameters") or {}
+    want = getattr(model, "hparams", {}).get("arch")
+    got = hparams.get("arch")
+    if got is not None and want is not None and got != want:
+        raise UserError(f"checkpoint {path} is of arch {got!r} but the config builds {want!r}: pass that arch's config")
+    check_checkpoint_fits(path, model)
 
 
 def find_last_checkpoint(run_root: Path) -> Path:

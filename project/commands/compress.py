@@ -111,18 +111,6 @@ def _cli(args: list[str]) -> Any:
     return ProjectCLI(args=args, run=False)
 
 
-def check_checkpoint(ckpt: str, cli: Any) -> None:
-    """The checkpoint must be a dense checkpoint of the config's architecture (one-line UserError otherwise)."""
-    from project.checkpoints import check_checkpoint_fits, load_checkpoint
-
-    hparams = load_checkpoint(ckpt).get("hyper_parameters") or {}
-    want = cli.model.hparams.get("arch")
-    got = hparams.get("arch")
-    if got is not None and want is not None and got != want:
-        raise UserError(f"checkpoint {ckpt} is of arch {got!r} but the config builds {want!r}: pass that arch's config")
-    check_checkpoint_fits(ckpt, cli.model)
-
-
 def calibration_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
     """The first ``count`` training images, normalised as the network takes them, without augmentation."""
     datamodule.prepare_data()
@@ -157,12 +145,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> dict[str, Any]:
+    from project.checkpoints import check_checkpoint_of_config
     from project.compression import report as R
     from project.compression.export import load_program
 
     common = [f"--config={args.config}", *extra]
     base = _cli([*common, "--trainer.logger=false"])  # never fits: gives the fp32 network and the test split
-    check_checkpoint(args.ckpt, base)
+    check_checkpoint_of_config(args.ckpt, base.model)
     folder = R.next_version_dir(args.out, args.name)
     _log(f"compress: report folder {folder}")
     hp = base.model.hparams

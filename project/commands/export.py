@@ -78,7 +78,7 @@ def _unit_images(loader: Any, limit: int | None = None) -> tuple[np.ndarray, np.
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Export, reload and check every model; returns what ``export.json`` holds."""
-    from project.commands.compress import check_checkpoint
+    from project.checkpoints import check_checkpoint_of_config
     from project.compression import deploy
     from project.compression.measure import format_table
     from project.compression.report import next_version_dir
@@ -94,7 +94,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from project.cli import ProjectCLI
 
     cli = ProjectCLI(args=[f"--config={args.config}", *extra, "--trainer.logger=false"], run=False)
-    check_checkpoint(args.ckpt, cli)
+    check_checkpoint_of_config(args.ckpt, cli.model)
     hp, dm = cli.model.hparams, cli.datamodule
     net = cli.model.net.cpu().eval()
     load_initial_weights(net, args.ckpt, hp["arch"])

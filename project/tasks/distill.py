@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from project.checkpoints import load_checkpoint
+from project.checkpoints import load_network
 from project.errors import UserError
-from project.models import Classifier, build_network
+from project.models import Classifier
 from project.tasks.classifier import ImageClassifier
 
 _TEACHER = "teacher."
@@ -37,40 +37,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def load_teacher(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """The network of a checkpoint written by this project's ``fit`` and its hyper-parameters.
-
-    The architecture comes from the checkpoint's ``hyper_parameters`` (``arch``, ``arch_kwargs``,
-    ``num_classes``, ``in_channels``, ``image_size``), the weights from its ``net.*`` entries.
-    Every problem is a one-line :class:`UserError`.
-    """
-    checkpoint = load_checkpoint(path)  # weights_only=True; missing or unreadable -> UserError
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(hparams, dict) or not isinstance(state, dict) or not {"arch", "num_classes"} <= set(hparams):
-        raise UserError(
-            f"teacher checkpoint {path} has no hyper_parameters with 'arch' and 'num_classes' or no state_dict: "
-            "use a checkpoint written by `python -m project fit`"
-        )
-    hparams = dict(hparams)
-    hparams.setdefault("in_channels", 1)
-    hparams.setdefault("image_size", 28)
-    hparams["arch_kwargs"] = dict(hparams.get("arch_kwargs") or {})
-    try:
-        net = build_network(
-            hparams["arch"], hparams["num_classes"], hparams["in_channels"], hparams["image_size"], **hparams["arch_kwargs"]
-        )
-    except (ValueError, TypeError) as err:
-        raise UserError(f"teacher checkpoint {path}: cannot build its network ({err})") from None
-    weights = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise UserError(
-            f"teacher checkpoint {path}: its weights do not fit its architecture {hparams['arch']!r} ({first}); "
-            "use the fp32 checkpoint of a plain, unpruned and unquantized run"
-        ) from None
-    return net, hparams
+    """The teacher's network and hyper-parameters (:func:`project.checkpoints.load_network`)."""
+    return load_network(path, what="teacher checkpoint")
 
 
 class DistillationClassifier(ImageClassifier):
