@@ -34,7 +34,8 @@ from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError, exit_on_user_error
 from project.parsing import ProjectParser
-from project.predictions import PROGRAMS, predict_with_model_file, write_predictions_csv
+from project.compression.artifacts import is_artifact
+from project.predictions import predict_with_model_file, write_predictions_csv
 from project.reporting import log_hparams_with_metrics
 from project.runtime import finish_distributed, keep_freed_memory, log_info_to_stdout, skip_nvml_probe_without_gpu
 from project.tasks import ImageClassifier
@@ -122,7 +123,7 @@ class ProjectCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the checkpoint's hyperparameters here, before any of our hooks: check the file first.
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-        if ckpt_path is not None and str(ckpt_path).endswith(PROGRAMS):
+        if ckpt_path is not None and is_artifact(ckpt_path):
             if self.config.subcommand != "predict":
                 raise UserError(f"{ckpt_path} is an exported model: only `predict` runs it; pass a .ckpt for {self.config.subcommand}")
             return
@@ -152,7 +153,7 @@ class ProjectCLI(LightningCLI):
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path == "last" and subcommand == "fit":
             kwargs["ckpt_path"] = ckpt_path = str(self._find_last_checkpoint())
-        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT and not str(ckpt_path).endswith(PROGRAMS):
+        if ckpt_path is not None and ckpt_path not in _SPECIAL_CKPT and not is_artifact(ckpt_path):
             head = getattr(self.model, "head_prefix", None)
             check_checkpoint_fits(ckpt_path, self.model, self.trainer.callbacks, head_prefix=head)
         return kwargs
@@ -208,7 +209,7 @@ class ProjectCLI(LightningCLI):
         compress report's artifacts, ``export``'s ``.onnx`` and OpenVINO ``.xml``): it is fed the images in [0, 1].
         """
         ckpt_path = kwargs.get("ckpt_path")
-        if ckpt_path is not None and str(ckpt_path).endswith(PROGRAMS):
+        if ckpt_path is not None and is_artifact(ckpt_path):
             dm = self.datamodule
             dm.prepare_data()
             dm.setup("predict")

@@ -8,22 +8,16 @@ import torch
 
 from project.errors import UserError
 
-PROGRAMS = (".pt2", ".onnx", ".xml")  # exported models that `predict` runs instead of a checkpoint
 
 
 def predict_with_model_file(path: Path, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{"pred", "prob"}`` of an exported model (``.pt2``, ``.onnx`` or OpenVINO ``.xml``) on uint8 image batches,
-    which it is fed in [0, 1] (the input contract of every model the project ships)."""
-    from project.compression.export import as_unit_float, predict_with_program
+    """``{"pred", "prob"}`` of a shipped model (any format of :mod:`project.compression.artifacts`) on uint8
+    image batches, which it is fed in [0, 1] (the input contract of every model the project ships)."""
+    from project.compression.artifacts import load_runner
+    from project.compression.export import as_unit_float
 
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: pass a model that a fit, compress or export wrote")
-    if path.suffix == ".pt2":
-        return predict_with_program(path, batches)
-    from project.compression.deploy import load_runtime
-
-    model = load_runtime(path)
-    logits = [torch.from_numpy(model(as_unit_float(images).cpu().numpy())) for images in batches]
+    run = load_runner(path)
+    logits = [torch.from_numpy(run(as_unit_float(images).cpu().numpy())) for images in batches]
     if not logits:
         raise UserError("no images to predict on: check the predict data")
     prob = torch.cat(logits).softmax(dim=-1)

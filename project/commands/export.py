@@ -79,7 +79,7 @@ def _unit_images(loader: Any, limit: int | None = None) -> tuple[np.ndarray, np.
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Export, reload and check every model; returns what ``export.json`` holds."""
     from project.checkpoints import check_checkpoint_of_config
-    from project.compression import deploy
+    from project.compression import artifacts, deploy
     from project.compression.measure import format_table
     from project.compression.report import next_version_dir
     from project.tasks.init_weights import load_initial_weights
@@ -129,10 +129,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         reference = torch.cat([net(b) for b in normalised.split(256)]).argmax(-1).numpy()
     results: dict[str, dict[str, Any]] = {"pytorch fp32": {"accuracy": float((reference == labels).mean())}}
     for name, path in paths.items():
-        model = deploy.load_runtime(path)
+        model = artifacts.load_runner(path)
         pred = np.concatenate([model(images[i : i + 256]).argmax(-1) for i in range(0, len(images), 256)])
         results[name] = {"artifact": path.name, "accuracy": float((pred == labels).mean()),
-                         "agreement": float((pred == reference).mean()), "file_bytes": deploy.model_bytes(path)}
+                         "agreement": float((pred == reference).mean()), "file_bytes": artifacts.artifact_bytes(path)}
     latency = _time_models(net, paths, images, mean, std, args, results)
     print("\n" + format_table(results, ["accuracy", "agreement", "file_bytes", *latency], first="model") + "\n", flush=True)
     summary = {"config": args.config, "checkpoint": args.ckpt, "calibration_images": args.calibration_images if args.int8 else 0,
@@ -147,12 +147,12 @@ def _time_models(net: torch.nn.Module, paths: dict[str, Path], images: np.ndarra
                  args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> list[str]:
     """Latency of every model at each batch size, all measured in turns; flags a figure whose spread is large
     and names the fastest model. Returns the latency keys added to ``results``."""
-    from project.compression import deploy
+    from project.compression import artifacts, deploy
     from project.compression.export import with_input_normalization
     from project.compression.measure import time_alternating
 
     pytorch = with_input_normalization(net, mean, std).eval()
-    models = {name: deploy.load_runtime(path) for name, path in paths.items()}
+    models = {name: artifacts.load_runner(path) for name, path in paths.items()}
     keys = []
     for batch in args.batch_sizes:
         x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])), dtype=np.float32)

@@ -9,37 +9,26 @@ every program the project ships (float32 ``[B, C, H, W]`` images in [0, 1], norm
 - ``.xml`` (+ ``.bin``): OpenVINO IR converted from the fp32 ONNX model. Int8 is NNCF's post-training
   quantization of that model, which handles CPUs without VNNI itself.
 
-Each file runs with its runtime alone: :func:`load_runtime` returns a callable over numpy arrays, and a process
-that imports neither torch nor this project can do the same with ``onnxruntime.InferenceSession`` or
-``openvino.Core().compile_model``.
+Each file runs with its runtime alone: :func:`project.compression.artifacts.load_runner` returns a callable over
+numpy arrays, and a process that imports neither torch nor this project can do the same with
+``onnxruntime.InferenceSession`` or ``openvino.Core().compile_model``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from project.compression.artifacts import require
 from project.compression.cpu import choose_reduce_range, cpu_has_vnni
 from project.compression.export import MIN_CALIBRATION, input_contract, with_input_normalization
 from project.errors import UserError
-
-FORMATS = {".onnx": "onnxruntime", ".xml": "openvino"}
-
-
-def require(runtime: str):
-    """Import a runtime's package, or raise a one-line UserError saying how to install it."""
-    try:
-        return importlib.import_module(runtime)
-    except ImportError as err:
-        raise UserError(f"{runtime} is not installed ({err}): pip install {runtime}") from None
-
 
 def check_calibration(images: np.ndarray) -> None:
     if len(images) < MIN_CALIBRATION:
@@ -110,33 +99,3 @@ def convert_openvino(onnx_path: Path, path: Path, calibration: np.ndarray | None
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(path), compress_to_fp16=False)
     return path
-
-
-def model_bytes(path: Path) -> int:
-    """Bytes on disk of a model: an OpenVINO ``.xml`` with its ``.bin`` weights, else the file itself."""
-    weights = path.with_suffix(".bin")
-    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0)
-
-
-def load_runtime(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A callable ``images [B, C, H, W] float32 in [0, 1] -> logits`` running ``path`` in its own runtime."""
-    path = Path(path)
-    runtime = FORMATS.get(path.suffix)
-    if runtime is None:
-        raise UserError(f"{path}: the deployment formats are {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: python -m project export writes it")
-    module = require(runtime)
-    try:
-        if runtime == "onnxruntime":
-            options = module.SessionOptions()
-            # no busy-waiting threads between calls: they would take the cores from whatever runs next
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = module.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            return lambda images: session.run(None, {name: np.ascontiguousarray(images, dtype=np.float32)})[0]
-        compiled = module.Core().compile_model(str(path), "CPU")
-        return lambda images: compiled(np.ascontiguousarray(images, dtype=np.float32))[0]
-    except Exception as err:  # each runtime has its own error types for a corrupt or truncated model
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"{path} is unreadable by {runtime} ({first}): it is truncated or not a model") from None

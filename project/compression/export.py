@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,14 +198,3 @@ class CompiledProgram(nn.Module):
 
         with torch.no_grad(), inductor_config.patch(freezing=True):
             return self.compiled(x)
-
-
-@torch.no_grad()
-def predict_with_program(path: str | Path, batches: Iterable[torch.Tensor], compile: bool = False) -> dict[str, torch.Tensor]:
-    """``{"pred": [N], "prob": [N, classes]}`` of the program at ``path`` on image batches (uint8 or [0, 1])."""
-    model = load_program(path, compile=compile)
-    probs = [model(as_unit_float(images)).softmax(dim=-1) for images in batches]
-    if not probs:
-        raise UserError("no images to predict on: check the predict data")
-    prob = torch.cat(probs)
-    return {"pred": prob.argmax(dim=-1), "prob": prob}

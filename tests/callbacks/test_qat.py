@@ -18,7 +18,8 @@ pytest.importorskip("torchao")
 
 from project.callbacks.qat import QuantizationAwareTraining  # noqa: E402
 from project.compression import quantization as Q  # noqa: E402
-from project.compression.export import load_program, predict_with_program  # noqa: E402
+from project.compression.export import load_program  # noqa: E402
+from project.predictions import predict_with_model_file  # noqa: E402
 from project.compression.graph_mode import bn_frozen  # noqa: E402
 from project.errors import UserError  # noqa: E402
 from project.models import build_network  # noqa: E402
@@ -130,7 +131,12 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
     seed_everything(0)
     train, val = block_loaders(n=128)
     model = toy_classifier()
-    qat = QuantizationAwareTraining()
+    # Full-range int8 on every CPU: this untrained toy's activations often leave their calibrated range, where
+    # eager int8 clips at the 7-bit bound of reduce_range (the automatic choice without VNNI) but Inductor's
+    # fused oneDNN kernels do not, so compiled and eager logits part by up to a third of the largest logit
+    # on such a toy (docs/quantization.md).
+    # The trained-CNN test in tests/compression/test_cpu.py checks compiled against eager under reduce_range.
+    qat = QuantizationAwareTraining(reduce_range=False)
     cpu_trainer(tmp_path, [qat], logger="csv", max_epochs=1).fit(model, datamodule=LoaderData(train, val))
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
@@ -161,7 +167,7 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
     compiled = torch.tensor(result["compiled"])
     assert (compiled.argmax(-1) == expected.argmax(-1)).all()
     assert torch.allclose(compiled, expected, atol=0.1 * float(expected.abs().max()))
-    pred = predict_with_program(qat.export_path, x.split(4))
+    pred = predict_with_model_file(Path(qat.export_path), x.split(4))
     assert torch.equal(pred["pred"], expected.argmax(-1))
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnxruntime")
@@ -14,7 +15,7 @@ pytest.importorskip("nncf")
 from project.cli import main as cli_main  # noqa: E402
 from project.commands.export import main as export_main  # noqa: E402
 from project.commands.export import run as export_run  # noqa: E402
-from project.compression import deploy  # noqa: E402
+from project.compression import artifacts, deploy  # noqa: E402
 from project.errors import UserError  # noqa: E402
 from tests.commands.conftest import FAST  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -118,7 +119,7 @@ def test_corrupt_model_is_one_clear_line(exported: dict, suffix: str, tmp_path) 
     if suffix == ".xml":
         (tmp_path / "broken.bin").write_bytes((source.with_suffix(".bin")).read_bytes())
     with pytest.raises(UserError, match="unreadable") as err:
-        deploy.load_runtime(broken)(deploy.np.zeros((1, 1, 28, 28), dtype=deploy.np.float32))
+        artifacts.load_runner(broken)(np.zeros((1, 1, 28, 28), dtype=np.float32))
     assert "\n" not in str(err.value)
 
 
