@@ -9,10 +9,12 @@ Builds the variants ``fp32`` (the checkpoint as is), ``ptq`` (post-training int8
 ``pruned_int8``: each but fp32 and ptq starts from the checkpoint (``init_from``) and is fine-tuned for
 ``--finetune-epochs`` with the callbacks of its variant config (``<variant>.yaml`` of ``--variant-dir``,
 by default the package's own ``project/commands/compress_variants/``, added after ``--config``). Each is
-saved as the ``.pt2`` program a user would ship (taking [0, 1] images), loaded back and measured the same
-way (:mod:`project.compression.report`). ``report.md``, ``report.json`` and the plots go to
+shipped in every runtime of ``--runtimes`` (torch ``.pt2`` eager and compiled, ONNX Runtime, OpenVINO; default:
+every one installed), each file loaded back and measured the same way, and checked against the PyTorch network
+it was made from (:mod:`project.compression.pipeline`). ``report.md``, ``report.json`` and the plots go to
 a new ``<out>/compress/version_N/`` folder, beside the artifacts (``artifacts/``) and the
-fine-tuning runs' logs (``finetune/<variant>/``).
+fine-tuning runs' logs (``finetune/<variant>/``). An artifact whose parity falls below its bound (drift) makes
+the command exit non-zero naming it, after the report is written, unless ``--allow-drift``.
 
 Arguments the command does not know (``--data.*``, ``--model.*``, ``--trainer.*``) are passed to every
 run, as to ``python -m project fit``.
@@ -23,15 +25,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import platform
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from project.commands._args import check_calibration, check_config, check_passed_on, choose, timing
+from project.compression.pipeline import MIN_AGREEMENT_FLOAT, MIN_AGREEMENT_INT8, RUNTIMES
 from project.errors import UserError, exit_on_user_error
 
 VARIANTS = ("fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8")
@@ -72,12 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (absorb compilation)")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported")
     parser.add_argument(
-        "--compile",
-        choices=("none", "all"),
-        default="all",
-        help="time each artifact eager (none) or through torch.compile with weight freezing (all: int8 runs"
-        " oneDNN int8 kernels; every variant compiled, so the comparison stays fair)",
+        "--runtimes", default=None,
+        help="comma-separated subset of torch,torch.compile,onnxruntime,openvino (default: every one installed;"
+        " torch.compile runs the .pt2 with weight freezing, i.e. oneDNN int8 kernels)",
     )
+    parser.add_argument("--allow-drift", action="store_true",
+                        help="exit 0 even when an artifact's parity with its PyTorch source is below its bound")
+    parser.add_argument("--min-agreement-float", type=float, default=MIN_AGREEMENT_FLOAT,
+                        help="parity bound of files made without quantization (share of test images)")
+    parser.add_argument("--min-agreement-int8", type=float, default=MIN_AGREEMENT_INT8,
+                        help="parity bound of int8 files against the float or fake-quant network they come from")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads while timing (default: torch's)")
     return parser
 
@@ -91,6 +99,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if "ptq" in args.variants:
         check_calibration(args.calibration_images)
     args.batch_sizes = timing(args.batch_sizes, args.warmup, args.repeats)
+    if args.runtimes is not None:
+        args.runtimes = choose(args.runtimes, RUNTIMES, "runtime")
+    for bound in (args.min_agreement_float, args.min_agreement_int8):
+        if not 0.0 <= bound <= 1.0:
+            raise UserError(f"--min-agreement-* are shares of test images in [0, 1], got {bound}")
     check_config(args.config)
     with variant_dir(args.variant_dir) as folder:
         for v in args.variants:
@@ -124,8 +137,8 @@ def calibration_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
     return batches
 
 
-def load_test_split(datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole test split as float32 images in [0, 1] (what every shipped program takes) and labels."""
+def load_test_split(datamodule: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The whole test split as float32 images in [0, 1] (what every shipped file takes) and labels, as numpy."""
     from project.compression.export import as_unit_float
 
     datamodule.prepare_data()
@@ -134,104 +147,118 @@ def load_test_split(datamodule: Any) -> tuple[torch.Tensor, torch.Tensor]:
     for batch in datamodule.test_dataloader():
         images.append(as_unit_float(batch[0]).cpu())
         labels.append(batch[1].cpu())
-    return torch.cat(images), torch.cat(labels)
+    return torch.cat(images).numpy(), torch.cat(labels).numpy()
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Build, fine-tune, save and measure every variant; write the report. Returns ``report.json``'s content."""
+    """Build, fine-tune, ship and measure every variant in every runtime; write the report. Returns its summary.
+
+    Drift (an artifact below its parity bound) is a UserError after the report is written, unless ``--allow-drift``.
+    """
     args, extra = parse_args(argv)
     with variant_dir(args.variant_dir) as folder:
-        return _run(args, extra, folder)
+        summary = _run(args, extra, folder)
+    if summary["drift"] and not args.allow_drift:
+        raise UserError(f"drift: {'; '.join(summary['drift'])}; the report is in {summary['folder']}; "
+                        "pass --allow-drift to accept it")
+    return summary
+
+
+def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path, base: Any, folder: Path,
+              calibration: list[torch.Tensor], runtimes: list[str]
+              ) -> Iterator[tuple[str, torch.nn.Module, torch.nn.Module | None, bool]]:
+    """Each variant's ``(name, PyTorch source, network its .pt2 holds, post-training int8?)``, built in turn."""
+    from project.tasks.init_weights import load_initial_weights
+
+    hp = base.model.hparams
+    fp32 = base.model.net
+    load_initial_weights(fp32, args.ckpt, hp["arch"])
+    todo = args.variants
+    for i, variant in enumerate(todo, start=1):
+        if variant == "fp32":
+            _log(f"[{i}/{len(todo)}] fp32: the checkpoint as is")
+            yield variant, fp32, fp32, False
+        elif variant == "ptq":
+            from project.compression.ptq import quantize_ptq
+
+            _log(f"[{i}/{len(todo)}] ptq: post-training int8 in each runtime, calibrated on {args.calibration_images} "
+                 "training images")
+            shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
+            try:
+                program = quantize_ptq(copy.deepcopy(fp32), shape, calibration)
+            except UserError as err:  # torchao's x86 quantizer cannot annotate some networks (ResNet-18)
+                if not set(runtimes) - {"torch", "torch.compile"}:
+                    raise
+                _log(f"  ptq: no .pt2 ({err}); the other runtimes quantize it themselves")
+                program = None
+            yield variant, fp32, program, True
+        else:
+            _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
+            cli = _cli([
+                f"--config={args.config}", *extra, f"--config={variants_folder / f'{variant}.yaml'}",
+                f"--model.init_args.init_from={args.ckpt}", f"--trainer.max_epochs={args.finetune_epochs}",
+                f"--trainer.logger.init_args.save_dir={folder / 'finetune'}", f"--trainer.logger.init_args.name={variant}",
+            ])
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            if cli.trainer.interrupted:
+                raise UserError(f"fine-tuning of {variant} was interrupted: no report written")
+            net = cli.model.net.cpu()
+            yield variant, net, net, False
 
 
 def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> dict[str, Any]:
     from project.checkpoints import check_checkpoint_of_config
+    from project.compression import pipeline as P
     from project.compression import report as R
-    from project.compression.export import load_program
+    from project.compression.cpu import describe_cpu
+    from project.compression.quantization import fake_quantizers
 
-    common = [f"--config={args.config}", *extra]
-    base = _cli([*common, "--trainer.logger=false"])  # never fits: gives the fp32 network and the test split
+    runtimes = P.choose_runtimes(args.runtimes, "ptq" in args.variants, log=_log)
+    base = _cli([f"--config={args.config}", *extra, "--trainer.logger=false"])  # never fits: the fp32 network, the data
     check_checkpoint_of_config(args.ckpt, base.model)
     folder = R.next_version_dir(args.out, args.name)
-    _log(f"compress: report folder {folder}")
+    _log(f"compress: report folder {folder}; runtimes {', '.join(runtimes)}")
     hp = base.model.hparams
-    input_shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
+    shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
     mean, std = base.datamodule.mean, base.datamodule.std
     _log("compress: loading the test split")
     images, labels = load_test_split(base.datamodule)
+    calibration = calibration_batches(base.datamodule, args.calibration_images) if "ptq" in args.variants else []
+    unit = (torch.cat(calibration) * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)).numpy() \
+        if calibration else None  # the calibration images in [0, 1], for ONNX Runtime's and NNCF's PTQ
 
-    artifacts: dict[str, Path] = {}
-    seconds: dict[str, float] = {}
-    todo = args.variants
-    for i, variant in enumerate(todo, start=1):
+    variants, seconds = [], {}
+    for name, source, program_net, ptq in _networks(args, extra, variants_folder, base, folder, calibration, runtimes):
         start = time.perf_counter()
-        if variant == "fp32":
-            from project.tasks.init_weights import load_initial_weights
-
-            _log(f"[{i}/{len(todo)}] fp32: the checkpoint as is")
-            net = base.model.net
-            load_initial_weights(net, args.ckpt, hp["arch"])
-        elif variant == "ptq":
-            from project.compression.ptq import quantize_ptq
-            from project.tasks.init_weights import load_initial_weights
-
-            _log(f"[{i}/{len(todo)}] ptq: post-training int8, calibrated on {args.calibration_images} training images")
-            float_net = copy.deepcopy(base.model.net)
-            load_initial_weights(float_net, args.ckpt, hp["arch"])
-            net = quantize_ptq(float_net, input_shape, calibration_batches(base.datamodule, args.calibration_images))
-        else:
-            _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
-            cli = _cli(
-                [
-                    *common,
-                    f"--config={variants_folder / f'{variant}.yaml'}",
-                    f"--model.init_args.init_from={args.ckpt}",
-                    f"--trainer.max_epochs={args.finetune_epochs}",
-                    f"--trainer.logger.init_args.save_dir={folder / 'finetune'}",
-                    f"--trainer.logger.init_args.name={variant}",
-                ]
-            )
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            if cli.trainer.interrupted:
-                raise UserError(f"fine-tuning of {variant} was interrupted: no report written")
-            net = cli.model.net
-        net = net.cpu()
-        artifacts[variant] = R.save_artifact(net, input_shape, folder / "artifacts", variant, mean, std)
-        seconds[variant] = time.perf_counter() - start
-        _log(f"[{i}/{len(todo)}] {variant}: saved {artifacts[variant]} ({seconds[variant]:.0f} s)")
+        variants.append(P.write_artifacts(name, source, program_net, runtimes, folder / "artifacts", shape, mean, std,
+                                          calibration=unit if ptq else None, quantized=bool(fake_quantizers(source))))
+        seconds[name] = time.perf_counter() - start
+        _log(f"  {name}: wrote {', '.join(p.name for p in dict.fromkeys(variants[-1].files.values()))}")
+    reference = P.predict(P.source_runner(base.model.net, mean, std), images, 256)
 
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict[str, dict[str, Any]] = {}
     try:
-        for i, variant in enumerate(todo, start=1):
-            _log(f"[{i}/{len(todo)}] measuring {variant} from {artifacts[variant].name}")
-            model = load_program(artifacts[variant])
-            results[variant] = R.measure_variant(
-                model, artifacts[variant], images, labels, args.batch_sizes, args.warmup, args.repeats,
-                compile=args.compile == "all", log=_log,
-            )
-            results[variant]["build_s"] = round(seconds[variant], 1)
+        _log("compress: measuring every artifact from disk")
+        results = P.measure(variants, images, labels, reference, mean, std, args.batch_sizes, args.warmup, args.repeats,
+                            (args.min_agreement_float, args.min_agreement_int8), log=_log)
     finally:
         measured_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
-
     meta = {
-        "config": args.config,
-        "checkpoint": args.ckpt,
-        "extra_args": " ".join(extra),
-        "finetune_epochs": args.finetune_epochs,
-        "test_images": len(labels),
-        "latency": f"median of {args.repeats} calls after {args.warmup} warm-up, compile={args.compile}",
-        "cpu_threads": measured_threads,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "torch": torch.__version__,
+        "config": args.config, "checkpoint": args.ckpt, "extra_args": " ".join(extra),
+        "finetune_epochs": args.finetune_epochs, "test_images": len(labels), "runtimes": runtimes,
+        "latency": f"median of {args.repeats} calls after {args.warmup} warm-up (compilation excluded), "
+                   "every artifact timed in turns; ONNX Runtime and OpenVINO at their default threads",
+        "cpu_threads": measured_threads, "machine": describe_cpu(), "torch": torch.__version__,
+        "build_s": {k: round(v, 1) for k, v in seconds.items()},
     }
-    paths = R.write_report(folder, results, meta)
+    title = f"{hp['arch']} on {type(base.datamodule).__name__}, {describe_cpu()}"
+    summary = R.write_report(folder, results, meta, title)
     _log("\n" + R.format_text_table(results) + "\n")
-    _log(f"compress: wrote {', '.join(str(p) for p in paths.values())}")
-    return {**meta, "folder": str(folder), "variants": results}
+    _log(f"compress: wrote {', '.join(summary['paths'].values())}")
+    return {**summary, "folder": str(folder), "variants": results}
 
 
 def main(argv: list[str] | None = None) -> None:

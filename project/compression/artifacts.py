@@ -43,11 +43,23 @@ def require(runtime: str):
         raise UserError(f"{runtime} is not installed ({err}): pip install {runtime}") from None
 
 
-def artifact_bytes(path: str | Path) -> int:
-    """Bytes on disk of a model: an OpenVINO ``.xml`` with its ``.bin`` weights, else the file itself."""
+def artifact_files(path: str | Path) -> list[Path]:
+    """The files a model is made of: an OpenVINO ``.xml`` and its ``.bin`` weights, else the file itself."""
     path = Path(path)
     weights = path.with_suffix(".bin")
-    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0)
+    return [path, weights] if path.suffix == ".xml" and weights.is_file() else [path]
+
+
+def artifact_bytes(path: str | Path) -> int:
+    """Bytes on disk of a model (all its files)."""
+    return sum(p.stat().st_size for p in artifact_files(path))
+
+
+def artifact_gzip_bytes(path: str | Path) -> int:
+    """Bytes of a model's files after gzip (level 6), as :func:`project.compression.measure.gzip_bytes` counts."""
+    from project.compression.measure import gzip_bytes
+
+    return sum(gzip_bytes(p.read_bytes()) for p in artifact_files(path))
 
 
 def load_runner(path: str | Path, compile: bool = False) -> Runner:
@@ -73,7 +85,9 @@ def load_runner(path: str | Path, compile: bool = False) -> Runner:
             session = module.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
             return lambda images: session.run(None, {name: np.ascontiguousarray(images, dtype=np.float32)})[0]
-        compiled = module.Core().compile_model(str(path), "CPU")
+        # f32: on CPUs with bf16 units (AMX, AVX512-BF16) OpenVINO would otherwise run float ops in bfloat16,
+        # a different model from the one exported; int8 layers stay int8 either way
+        compiled = module.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return lambda images: compiled(np.ascontiguousarray(images, dtype=np.float32))[0]
     except Exception as err:  # each runtime has its own error types for a corrupt or truncated model
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

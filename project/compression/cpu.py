@@ -44,3 +44,22 @@ def choose_reduce_range(override: bool | None = None) -> bool:
 def int8_settings(reduce_range: bool) -> dict[str, bool]:
     """What an int8 artifact records about its quantization: the range and the CPU it was made on."""
     return {"reduce_range": bool(reduce_range), "built_with_vnni": cpu_has_vnni()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string where there is none)."""
+    import platform
+
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def describe_cpu() -> str:
+    """The CPU and its int8 flags in one line, as every measured table states them."""
+    flags = sorted(VNNI_FLAGS & cpu_flags())
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    int8 = ", ".join(flags) if flags else "no VNNI"
+    return f"{cpu_model()} (int8: {int8}{f'; ONEDNN_MAX_CPU_ISA={capped}' if capped else ''})"

@@ -1,8 +1,11 @@
 """Deployment formats: ONNX (for ONNX Runtime) and OpenVINO IR, fp32 and int8, with the same input contract as
 every program the project ships (float32 ``[B, C, H, W]`` images in [0, 1], normalised inside, any batch size).
 
-- ``.onnx``: ``torch.onnx.export`` (the dynamo exporter) of the network behind its input normalisation. Int8 is
-  ONNX Runtime's static post-training quantization of that fp32 model (QDQ, per-channel int8 weights, uint8
+- ``.onnx``: ``torch.onnx.export`` (the dynamo exporter) of the network behind its input normalisation, or of a
+  ``.pt2`` program the project wrote (:func:`program_to_onnx`): a pruned program exports shrunk or with its zeros,
+  an int8 one (QAT or torchao PTQ) as QuantizeLinear/DequantizeLinear pairs carrying its own scales, so ONNX
+  Runtime and OpenVINO run the int8 model PyTorch runs. Post-training int8 is also ONNX Runtime's static
+  post-training quantization of the fp32 model (QDQ, per-channel int8 weights, uint8
   activations calibrated on training images). Without VNNI, x86 int8 kernels add u8 x s8 products in pairs into
   saturating 16-bit integers; full-range weights then overflow, so ``reduce_range`` (7-bit weights) is chosen
   automatically on such CPUs and recorded in the model's metadata (``reduce_range``).
@@ -40,16 +43,56 @@ def export_onnx(net: nn.Module, input_shape: Sequence[int], path: Path, mean: Se
     require("onnxruntime")
     model = with_input_normalization(net, mean, std).cpu().eval()
     example = torch.rand(2, *input_shape)
-    try:
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                    verbose=False)
-    except Exception as err:  # the exporter raises many types; all mean "this network does not export"
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"{type(net).__name__} does not export to ONNX ({first})") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
+    _export(model, (example,), path, type(net).__name__, dynamic_shapes=({0: torch.export.Dim("batch")},))
     _set_metadata(path, {"input_contract": json.dumps(input_contract(input_shape, mean, std))})
     return path
+
+
+def program_to_onnx(program_path: Path, path: Path) -> Path:
+    """The ``.pt2`` program at ``program_path`` (float, pruned or int8) as ``path`` (.onnx), same input contract.
+
+    Int8 programs become QDQ models with the program's own scales and zero points: per-channel int8 weights
+    stored as int8, uint8 activations. Where the program quantizes to fewer bits than its type holds (7-bit
+    activations, ``reduce_range``), the QuantizeLinear is followed by a Clip to that range, as PyTorch clamps.
+    """
+    from project.compression.export import load_exported, read_input_contract
+
+    require("onnxruntime")
+    program = load_exported(program_path)
+    contract = read_input_contract(program_path)
+    example = torch.rand(2, contract["channels"], contract["height"], contract["width"])
+    qd = torch.ops.quantized_decomposed
+    table = {qd.quantize_per_tensor.default: _quantize_per_tensor}
+    _export(program, (example,), path, program_path.name, custom_translation_table=table)
+    entries = {"input_contract": json.dumps({k: v for k, v in contract.items() if k != "int8"})}
+    if "int8" in contract:
+        entries.update({k: str(v).lower() for k, v in contract["int8"].items()})
+    _set_metadata(path, entries)
+    return path
+
+
+def _quantize_per_tensor(input, scale: float, zero_point: int, quant_min: int, quant_max: int, dtype: int):
+    """``quantized_decomposed.quantize_per_tensor`` in ONNX: QuantizeLinear, clamped like PyTorch when the range
+    is narrower than the type's (onnxscript's own translation saturates to the full type instead)."""
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops import common
+
+    quantized = op.QuantizeLinear(input, scale, common.constant(zero_point, dtype=dtype))
+    full = {2: (0, 255), 3: (-128, 127)}.get(int(dtype))  # ONNX uint8, int8
+    if full == (quant_min, quant_max):
+        return quantized
+    return op.Clip(quantized, common.constant(quant_min, dtype=dtype), common.constant(quant_max, dtype=dtype))
+
+
+def _export(model, args: tuple, path: Path, what: str, **options) -> None:
+    """``torch.onnx.export`` (dynamo) of a module or ExportedProgram to ``path``; failure is one UserError line."""
+    try:
+        onnx_program = torch.onnx.export(model, args, dynamo=True, verbose=False, **options)
+    except Exception as err:  # the exporter raises many types; all mean "this network does not export"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{what} does not export to ONNX ({first})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_program.save(str(path))
 
 
 def _set_metadata(path: Path, entries: dict[str, str]) -> None:

@@ -132,19 +132,23 @@ def load_program(path: str | Path, compile: bool = False) -> nn.Module:
     With ``compile=True`` it is wrapped in ``torch.compile`` with weight freezing, which lowers int8
     quantize/dequantize patterns to oneDNN kernels on x86 (see :class:`CompiledProgram`).
     """
+    module = load_exported(path).module()
+    if compile:
+        warn_if_saturating(path)
+    return CompiledProgram(module) if compile else module
+
+
+def load_exported(path: str | Path) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program stored in a ``.pt2`` (int8 ops registered first); a bad file is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist: fits write their programs into lightning_logs/<name>/version_N/")
     _register_int8_ops()
     try:
-        program = torch.export.load(str(path))
+        return torch.export.load(str(path))
     except Exception as err:  # a corrupt archive raises zipfile/RuntimeError/KeyError variants
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise UserError(f"{path} is unreadable ({first}): it is truncated or not a .pt2 export") from None
-    module = program.module()
-    if compile:
-        warn_if_saturating(path)
-    return CompiledProgram(module) if compile else module
 
 
 def warn_if_saturating(path: str | Path) -> None:

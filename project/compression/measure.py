@@ -162,7 +162,7 @@ def _title(key: str) -> str:
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
-    if key in ("accuracy", "agreement", "sparsity"):
+    if key in ("accuracy", "agreement", "parity", "sparsity"):
         return f"{value:.2%}"
     if key.startswith("latency"):
         return f"{value:.3f}"

@@ -1,117 +1,91 @@
-"""The compression report: each variant saved as the file a user would ship, measured from it, reported.
+"""The compression report: one row per variant x runtime, each measured from its file on disk.
 
-Every variant is measured *the same way, from its file on disk*: the ``.pt2`` program is loaded back as a
-user would (:func:`project.compression.export.load_program`) and fed test images in [0, 1], then
-:mod:`project.compression.measure` gives its test accuracy, parameters and non-zeros, MACs of one image,
-file size and gzip size, and CPU latency at each batch size (median of ``repeats`` timed calls after
-``warmup`` untimed ones, which also absorb ``torch.compile``'s compilation).
-
-Writes ``report.json``, ``report.md``, ``accuracy_vs_size.png`` and ``accuracy_vs_latency.png``.
+The figures come from :func:`project.compression.pipeline.measure`. This module names the fastest runtime of
+each variant and the Pareto front of accuracy against measured latency (not MACs), and writes ``report.json``,
+``report.md``, ``accuracy_vs_size.png`` and ``accuracy_vs_latency.png`` (titled with the model, the data and the
+CPU with its int8 flags).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
 
 from project.compression import measure as M
-from project.compression import quantization as Q
-from project.compression.export import CompiledProgram, save_program
 
 #: The report's columns before the latencies, in table order.
-KEYS = ["accuracy", "params", "nonzero", "macs", "file_bytes", "gzip_bytes"]
+KEYS = ["accuracy", "agreement", "parity", "params", "nonzero", "macs", "file_bytes", "gzip_bytes"]
+Results = dict[str, dict[str, dict[str, Any]]]  # {variant: {runtime: figures}}
 
 
-def save_artifact(
-    net: nn.Module, input_shape: Sequence[int], folder: Path, name: str, mean: Sequence[float], std: Sequence[float]
-) -> Path:
-    """Write ``net`` as the file a user would ship: ``<folder>/<name>.pt2``, int8 when it was prepared for QAT."""
-    if Q.fake_quantizers(net):
-        net = Q.convert_copy(net)
-    else:
-        net = copy.deepcopy(net).cpu().eval()
-    return save_program(net, input_shape, folder / f"{name}.pt2", mean, std)
+def drifted(results: Results) -> list[str]:
+    """One phrase per artifact whose parity is below its bound."""
+    return [f"{name} in {runtime} agrees with its PyTorch source on {r['parity']:.2%} of test images "
+            f"(bound {r['parity_bound']:.1%})"
+            for name, rows in results.items() for runtime, r in rows.items() if r["drift"]]
 
 
-def measure_variant(
-    model: nn.Module,
-    path: Path,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_sizes: Sequence[int] = (1, 64),
-    warmup: int = 10,
-    repeats: int = 50,
-    compile: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Every figure of one variant, from its loaded program ``model`` and its file ``path``."""
-    params, nonzero = M.count_parameters(model), M.count_nonzero(model)
-    size, gzipped = M.file_bytes(path)
-    result: dict[str, Any] = {
-        "artifact": path.name,
-        "accuracy": M.accuracy(model, images, labels),
-        "params": params,
-        "nonzero": nonzero,
-        "sparsity": 1.0 - nonzero / params if params else 0.0,
-        "macs": M.count_macs(model, images[:1]),
-        "file_bytes": size,
-        "gzip_bytes": gzipped,
-    }
-    runner = CompiledProgram(model) if compile else model  # inductor with weight freezing (oneDNN kernels)
-    for batch in batch_sizes:
-        x = _batch(images, batch)
-        log(f"  latency at batch {batch} ({warmup} warm-up + {repeats} timed calls{', compiled' if compile else ''})")
-        result[f"latency_ms_b{batch}"] = M.measure_latency_ms(lambda: runner(x), warmup=warmup, repeats=repeats)
-    return result
+def rows(results: Results) -> dict[str, dict[str, Any]]:
+    """The report's rows, ``"<variant> / <runtime>"`` -> figures, in build order."""
+    return {f"{name} / {runtime}": r for name, runtimes in results.items() for runtime, r in runtimes.items()}
 
 
-def _batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``size`` test images (repeated if the split is smaller), as a contiguous tensor."""
-    reps = -(-size // len(images))
-    return images.repeat(reps, *[1] * (images.dim() - 1))[:size].contiguous()
-
-
-# ---- writing -------------------------------------------------------------------------------------
-
-
-def latency_keys(results: dict[str, dict[str, Any]]) -> list[str]:
+def latency_keys(results: Results) -> list[str]:
     """``latency_ms_b<N>`` keys present in the results, by batch size."""
-    keys = {k for r in results.values() for k in r if k.startswith("latency_ms_b")}
+    keys = {k for r in rows(results).values() for k in r if k.startswith("latency_ms_b") and not k.endswith("_iqr")}
     return sorted(keys, key=lambda k: int(k.removeprefix("latency_ms_b")))
 
 
-def report_keys(results: dict[str, dict[str, Any]]) -> list[str]:
+def report_keys(results: Results) -> list[str]:
     """The report's columns: :data:`KEYS` and the latency at each batch size measured."""
     return KEYS + latency_keys(results)
 
 
-def format_text_table(results: dict[str, dict[str, Any]]) -> str:
+def fastest(results: Results, key: str) -> dict[str, str]:
+    """The runtime with the lowest ``key`` latency, per variant."""
+    return {name: min(runtimes, key=lambda r: runtimes[r][key]) for name, runtimes in results.items() if runtimes}
+
+
+def pareto_front(results: Results, key: str) -> list[str]:
+    """Rows no other row beats on both test accuracy and ``key`` latency, fastest first."""
+    table = rows(results)
+    front = [n for n, r in table.items()
+             if not any(o[key] <= r[key] and o["accuracy"] >= r["accuracy"] and (o[key] < r[key] or o["accuracy"] > r["accuracy"])
+                        for o in table.values())]
+    return sorted(front, key=lambda n: table[n][key])
+
+
+def format_text_table(results: Results) -> str:
     """The report's table as aligned plain text (what the command prints)."""
-    return M.format_table(results, report_keys(results), first="variant")
+    return M.format_table(rows(results), report_keys(results), first="variant / runtime")
 
 
-def plot(results: dict[str, dict[str, Any]], x_key: str, x_label: str, path: Path, log_x: bool = False) -> Path:
-    """Scatter of test accuracy against ``x_key``, one labelled point per variant, saved as PNG."""
+def plot(results: Results, x_key: str, x_label: str, path: Path, title: str, log_x: bool = False,
+         front: Sequence[str] = ()) -> Path:
+    """Scatter of test accuracy against ``x_key``, one labelled point per row (front joined by a line), as PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    for name, r in results.items():
+    table = rows(results)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+    for name, r in table.items():
         ax.scatter(r[x_key], 100 * r["accuracy"], s=30)
-        ax.annotate(name, (r[x_key], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(name, (r[x_key], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if front:
+        ax.plot([table[n][x_key] for n in front], [100 * table[n]["accuracy"] for n in front], "k--", lw=0.8,
+                label="Pareto front")
+        ax.legend(fontsize=8)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.2, y=0.25)
     fig.tight_layout()
@@ -120,35 +94,42 @@ def plot(results: dict[str, dict[str, Any]], x_key: str, x_label: str, path: Pat
     return path
 
 
-def write_report(folder: Path, results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and the two plots into ``folder``; return their paths."""
+def write_report(folder: Path, results: Results, meta: dict[str, Any], title: str) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and the two plots into ``folder``; return the summary written."""
     folder.mkdir(parents=True, exist_ok=True)
     lat = latency_keys(results)
-    paths = {
-        "json": folder / "report.json",
-        "md": folder / "report.md",
-        "size_plot": folder / "accuracy_vs_size.png",
-        "latency_plot": folder / "accuracy_vs_latency.png",
-    }
-    plot(results, "file_bytes", "file size on disk (bytes)", paths["size_plot"], log_x=True)
-    first_lat = lat[0] if lat else None
-    if first_lat:
-        batch = first_lat.removeprefix("latency_ms_b")
-        plot(results, first_lat, f"CPU latency at batch {batch} (ms, median)", paths["latency_plot"])
-    paths["json"].write_text(json.dumps({**meta, "variants": results}, indent=2) + "\n")
+    paths = {"json": folder / "report.json", "md": folder / "report.md",
+             "size_plot": folder / "accuracy_vs_size.png", "latency_plot": folder / "accuracy_vs_latency.png"}
+    plot(results, "file_bytes", "file size on disk (bytes)", paths["size_plot"], title, log_x=True)
+    summary: dict[str, Any] = {**meta}
+    if lat:
+        key = lat[-1]
+        batch = key.removeprefix("latency_ms_b")
+        summary["fastest_runtime"] = {b.removeprefix("latency_ms_b"): fastest(results, b) for b in lat}
+        summary["pareto_front"] = pareto_front(results, key)
+        plot(results, key, f"CPU latency at batch {batch} (ms, median)", paths["latency_plot"], title, log_x=True,
+             front=summary["pareto_front"])
+    summary["drift"] = drifted(results)
+    paths["json"].write_text(json.dumps({**summary, "variants": results}, indent=2) + "\n")
     settings = "\n".join(f"- {k}: `{v}`" for k, v in meta.items())
+    fastest_lines = "\n".join(f"- batch {b}: " + ", ".join(f"{v} in {r}" for v, r in f.items())
+                               for b, f in summary.get("fastest_runtime", {}).items())
+    drift_lines = "\n".join(f"- {d}" for d in summary["drift"]) or "- none"
     paths["md"].write_text(
-        "# Compression report\n\n"
-        f"{settings}\n\n"
-        f"{M.format_markdown_table(results, report_keys(results), first='variant')}\n\n"
-        "Each variant is measured from its .pt2 file, loaded back as a user would and fed [0, 1] images: accuracy on the test split, "
-        "learned tensors' elements (parameters) and how many are non-zero, conv/linear/matmul multiply-accumulates of "
-        "one image (dense: zeros count), file size and gzip size, CPU latency as the median of timed calls after "
-        "warm-up.\n\n"
-        "![accuracy vs size](accuracy_vs_size.png)\n\n"
-        "![accuracy vs latency](accuracy_vs_latency.png)\n"
+        f"# Compression report\n\n{title}\n\n{settings}\n\n"
+        f"{M.format_markdown_table(rows(results), report_keys(results), first='variant / runtime')}\n\n"
+        "Each row is one file, loaded back from disk in its runtime and fed the test images in [0, 1]: test accuracy, "
+        "agreement with the fp32 PyTorch network, parity (agreement with the PyTorch network the file was made from), "
+        "the variant's learned tensors and non-zeros and the conv/linear/matmul multiply-accumulates of one image "
+        "(dense: zeros count; the same in every runtime), the file's size and gzip size, and CPU latency as the median "
+        "of timed calls after warm-up, every file timed in turns.\n\n"
+        f"## Fastest runtime per variant\n\n{fastest_lines or '- not timed'}\n\n"
+        f"## Pareto front (accuracy vs latency at the largest batch)\n\n"
+        + "\n".join(f"- {n}" for n in summary.get("pareto_front", [])) + "\n\n"
+        f"## Drift (parity below its bound)\n\n{drift_lines}\n\n"
+        "![accuracy vs size](accuracy_vs_size.png)\n\n![accuracy vs latency](accuracy_vs_latency.png)\n"
     )
-    return paths
+    return {**summary, "paths": {k: str(v) for k, v in paths.items()}}
 
 
 def next_version_dir(root: str | os.PathLike, name: str) -> Path:

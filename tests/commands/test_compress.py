@@ -18,11 +18,14 @@ from tests.commands.conftest import FAST
 from tests.conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+VARIANTS = ["fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8"]
+# every runtime but torch.compile, whose compilation per variant and batch size would double the module's time
+RUNTIMES = ["torch", "onnxruntime", "openvino"]
 @pytest.fixture(scope="module")
 def report(fake_mnist_dir: Path, lenet_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("reports")
     return compress_run([f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}", f"--out={out}",
-                         "--finetune-epochs=1", "--compile=none", "--warmup=1", "--repeats=3", "--batch-sizes=1,8",
+                         "--finetune-epochs=1", f"--runtimes={','.join(RUNTIMES)}", "--warmup=1", "--repeats=3", "--batch-sizes=1,8",
                          f"--data.data_dir={fake_mnist_dir}", *FAST])
 
 
@@ -31,16 +34,21 @@ def test_report_end_to_end(report: dict) -> None:
     assert folder.name == "version_0" and folder.parent.name == "compress"
     on_disk = json.loads((folder / "report.json").read_text())
     variants = on_disk["variants"]
-    assert list(variants) == ["fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8"]
+    assert list(variants) == VARIANTS
     md = (folder / "report.md").read_text()
-    for name, r in variants.items():
-        assert f"| {name} |" in md
-        assert (folder / "artifacts" / r["artifact"]).is_file()
-        assert 0.0 <= r["accuracy"] <= 1.0
-        assert 0 < r["nonzero"] <= r["params"]
-        assert r["macs"] > 0 and r["file_bytes"] > 0 and r["gzip_bytes"] > 0
-        assert r["latency_ms_b1"] > 0 and r["latency_ms_b8"] > 0
-    fp32, uns, st, i8, pi8 = (variants[k] for k in ["fp32", "unstructured", "structured", "int8", "pruned_int8"])
+    for name, runtimes in variants.items():
+        assert list(runtimes) == RUNTIMES, name  # one row per variant x runtime
+        for runtime, r in runtimes.items():
+            assert f"| {name} / {runtime} |" in md
+            assert (folder / "artifacts" / r["artifact"]).is_file()
+            assert 0.0 <= r["accuracy"] <= 1.0
+            assert 0 < r["nonzero"] <= r["params"]
+            assert r["macs"] > 0 and r["file_bytes"] > 0 and r["gzip_bytes"] > 0
+            assert r["latency_ms_b1"] > 0 and r["latency_ms_b8"] > 0
+            assert not r["drift"] and r["parity"] >= r["parity_bound"], (name, runtime, r)
+    assert on_disk["drift"] == [] and set(on_disk["fastest_runtime"]["8"]) == set(VARIANTS)
+    assert on_disk["pareto_front"] and all(" / " in row for row in on_disk["pareto_front"])
+    fp32, uns, st, i8, pi8 = (variants[k]["torch"] for k in ["fp32", "unstructured", "structured", "int8", "pruned_int8"])
     assert on_disk["test_images"] == 128
     # the checkpoint trained on the learnable fake data: fp32 is far above chance (10%)
     assert fp32["accuracy"] > 0.5
@@ -53,9 +61,20 @@ def test_report_end_to_end(report: dict) -> None:
     assert i8["macs"] == fp32["macs"] and i8["file_bytes"] < fp32["file_bytes"]
     assert pi8["file_bytes"] < i8["file_bytes"] and pi8["params"] == st["params"]
     # ptq: int8 without training, from the checkpoint as is: same MACs, int8-sized, close to fp32 (QAT recovers more)
-    ptq = variants["ptq"]
+    ptq = variants["ptq"]["torch"]
     assert ptq["macs"] == fp32["macs"] and ptq["file_bytes"] < 0.5 * fp32["file_bytes"]
     assert ptq["accuracy"] >= fp32["accuracy"] - 0.05
+    for runtime in ("onnxruntime", "openvino"):
+        # the compressed networks reach the other runtimes compressed: shrunk, with their zeros, in int8
+        row = {k: variants[k][runtime] for k in VARIANTS}
+        assert row["fp32"]["agreement"] >= 0.999 and row["structured"]["file_bytes"] < 0.6 * row["fp32"]["file_bytes"]
+        assert row["unstructured"]["gzip_bytes"] < 0.5 * row["fp32"]["gzip_bytes"]
+        for name, float_name, ratio in (("ptq", "fp32", 0.5), ("int8", "fp32", 0.5), ("pruned_int8", "structured", 0.75)):
+            # int8 weights (the QDQ graph's own bytes weigh more beside the small pruned network's weights)
+            assert row[name]["file_bytes"] < ratio * row[float_name]["file_bytes"], (runtime, name)
+        # QAT's learned scales travel: ONNX Runtime and OpenVINO predict what the PyTorch int8 program predicts
+        for name in ("int8", "pruned_int8"):
+            assert row[name]["accuracy"] == pytest.approx(variants[name]["torch"]["accuracy"], abs=0.02), (runtime, name)
 
 
 def test_plots_are_valid_png(report: dict) -> None:
@@ -97,7 +116,7 @@ def test_artifacts_reload_in_fresh_process_on_unit_images_with_the_reported_accu
     """Every shipped file loads with torch alone (int8 after importing torchao), takes [0, 1] images, carries its
     input contract, and gets the test accuracy the report gives for it."""
     folder = Path(report["folder"])
-    paths = {name: str(folder / "artifacts" / r["artifact"]) for name, r in report["variants"].items()}
+    paths = {name: str(folder / "artifacts" / r["torch"]["artifact"]) for name, r in report["variants"].items()}
     assert len(paths) == 6 and all(p.endswith(".pt2") for p in paths.values())
     raw = str(fake_mnist_dir / "MNIST" / "raw")
     out = subprocess.run([sys.executable, "-c", _FRESH, raw, *paths.values()], capture_output=True, text=True, timeout=300,
@@ -105,7 +124,7 @@ def test_artifacts_reload_in_fresh_process_on_unit_images_with_the_reported_accu
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     for name, path in paths.items():
-        assert results[path]["acc"] == pytest.approx(report["variants"][name]["accuracy"], abs=1e-9), name
+        assert results[path]["acc"] == pytest.approx(report["variants"][name]["torch"]["accuracy"], abs=1e-9), name
         contract = results[path]["contract"]
         assert contract["range"] == [0.0, 1.0] and contract["channels"] == 1 and contract["height"] == 28
         assert contract["normalization_inside"] == {"mean": [0.1307], "std": [0.3081]}
@@ -113,7 +132,7 @@ def test_artifacts_reload_in_fresh_process_on_unit_images_with_the_reported_accu
 
 def test_unstructured_artifact_keeps_pruned_zeros(report: dict) -> None:
     folder = Path(report["folder"])
-    program = load_program(folder / "artifacts" / report["variants"]["unstructured"]["artifact"])
+    program = load_program(folder / "artifacts" / report["variants"]["unstructured"]["torch"]["artifact"])
     weights = [v for k, v in program.state_dict().items() if k.endswith("weight") and v.dim() > 1]
     zeros = sum(int((w == 0).sum()) for w in weights)
     total = sum(w.numel() for w in weights)
@@ -154,3 +173,44 @@ def test_bad_variant_is_one_line(capsys, tmp_path: Path, lenet_ckpt: Path) -> No
     line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}",
                                 "--variants=fp32,fp16"])
     assert "fp16" in line
+
+
+def test_unknown_runtime_is_one_line(capsys, tmp_path: Path, lenet_ckpt: Path) -> None:
+    line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}",
+                                "--runtimes=torch,tensorrt"])
+    assert "tensorrt" in line and "onnxruntime" in line
+
+
+def test_a_drifted_artifact_fails_the_command_naming_it(capsys, monkeypatch, tmp_path: Path, fake_mnist_dir: Path,
+                                                        lenet_ckpt: Path) -> None:
+    """ONNX Runtime's int8 model with one activation scale corrupted: the report is written, drift named, exit 2;
+    ``--allow-drift`` keeps the same report and exits 0."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    from project.compression import deploy
+
+    real = deploy.quantize_onnx
+
+    def corrupted(*args, **kwargs):
+        path = real(*args, **kwargs)
+        model = onnx.load(str(path))
+        quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"][1]
+        scale = next(i for i in model.graph.initializer if i.name == quantize.input[1])
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 50, scale.name))
+        onnx.save(model, str(path))
+        return path
+
+    monkeypatch.setattr(deploy, "quantize_onnx", corrupted)
+    argv = [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}", f"--out={tmp_path}",
+            "--variants=fp32,ptq", "--runtimes=torch,onnxruntime", "--calibration-images=64", "--batch-sizes=4",
+            "--warmup=0", "--repeats=1", f"--data.data_dir={fake_mnist_dir}", *FAST]
+    line = _error_line(capsys, argv)
+    assert line.startswith("error: drift: ptq in onnxruntime agrees with its PyTorch source on") and "--allow-drift" in line
+    folder = tmp_path / "compress" / "version_0"
+    on_disk = json.loads((folder / "report.json").read_text())
+    assert on_disk["variants"]["ptq"]["onnxruntime"]["drift"] and not on_disk["variants"]["ptq"]["torch"]["drift"]
+    assert "ptq in onnxruntime" in (folder / "report.md").read_text().split("## Drift")[1]
+    kept = compress_run([*argv, "--allow-drift"])
+    assert kept["drift"] and Path(kept["folder"]).name == "version_1"
