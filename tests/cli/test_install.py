@@ -71,7 +71,7 @@ def test_compress_help_and_a_compress_run_from_an_empty_folder(installed: Path, 
           *quick], cwd=tmp_path)
     (ckpt,) = tmp_path.glob("lightning_logs/quickstart/version_0/checkpoints/last.ckpt")
     _run([str(installed), "-m", "project", "compress", f"--config={config}", f"--ckpt={ckpt}", "--variants=fp32,unstructured",
-          "--finetune-epochs=1", "--compile=none", "--warmup=0", "--repeats=1", "--batch-sizes=1", *quick], cwd=tmp_path)
+          "--finetune-epochs=1", "--runtimes=torch", "--warmup=0", "--repeats=1", "--batch-sizes=1", *quick], cwd=tmp_path)
     report = tmp_path / "lightning_logs" / "compress" / "version_0"
     assert (report / "report.md").is_file()
     assert sorted(p.name for p in (report / "artifacts").iterdir()) == ["fp32.pt2", "unstructured.pt2"]
