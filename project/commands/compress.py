@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="lightning_logs", help="the report goes to OUT/NAME/version_N/")
     parser.add_argument("--name", default="compress", help="see --out")
-    parser.add_argument("--batch-sizes", default="1,64", help="latency batch sizes, comma-separated")
+    parser.add_argument(
+        "--reduce-range", choices=("auto", "on", "off"), default="auto",
+        help="ONNX Runtime ptq with 7-bit weights: auto = on for CPUs without VNNI (whose int8 kernels saturate otherwise)",
+    )
+    parser.add_argument("--batch-sizes", default="1,64", help="latency batch sizes, comma-separated (empty: no timing)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (absorb compilation)")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported")
     parser.add_argument(
@@ -98,7 +102,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         raise UserError(f"--finetune-epochs must be >= 1, got {args.finetune_epochs}")
     if "ptq" in args.variants:
         check_calibration(args.calibration_images)
-    args.batch_sizes = timing(args.batch_sizes, args.warmup, args.repeats)
+    args.batch_sizes = timing(args.batch_sizes, args.warmup, args.repeats, allow_none=True)
     if args.runtimes is not None:
         args.runtimes = choose(args.runtimes, RUNTIMES, "runtime")
     for bound in (args.min_agreement_float, args.min_agreement_int8):
@@ -184,13 +188,14 @@ def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path,
             _log(f"[{i}/{len(todo)}] ptq: post-training int8 in each runtime, calibrated on {args.calibration_images} "
                  "training images")
             shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
-            try:
-                program = quantize_ptq(copy.deepcopy(fp32), shape, calibration)
-            except UserError as err:  # torchao's x86 quantizer cannot annotate some networks (ResNet-18)
-                if not set(runtimes) - {"torch", "torch.compile"}:
-                    raise
-                _log(f"  ptq: no .pt2 ({err}); the other runtimes quantize it themselves")
-                program = None
+            program = None  # no torch runtime asked for: ONNX Runtime and OpenVINO quantize it themselves
+            if set(runtimes) & {"torch", "torch.compile"}:
+                try:
+                    program = quantize_ptq(copy.deepcopy(fp32), shape, calibration)
+                except UserError as err:  # torchao's x86 quantizer cannot annotate some networks (ResNet-18)
+                    if not set(runtimes) - {"torch", "torch.compile"}:
+                        raise
+                    _log(f"  ptq: no .pt2 ({err}); the other runtimes quantize it themselves")
             yield variant, fp32, program, True
         else:
             _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
@@ -210,7 +215,7 @@ def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> d
     from project.checkpoints import check_checkpoint_of_config
     from project.compression import pipeline as P
     from project.compression import report as R
-    from project.compression.cpu import describe_cpu
+    from project.compression.cpu import cpu_has_vnni, describe_cpu
     from project.compression.quantization import fake_quantizers
 
     runtimes = P.choose_runtimes(args.runtimes, "ptq" in args.variants, log=_log)
@@ -231,17 +236,17 @@ def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> d
     for name, source, program_net, ptq in _networks(args, extra, variants_folder, base, folder, calibration, runtimes):
         start = time.perf_counter()
         variants.append(P.write_artifacts(name, source, program_net, runtimes, folder / "artifacts", shape, mean, std,
-                                          calibration=unit if ptq else None, quantized=bool(fake_quantizers(source))))
+                                          calibration=unit if ptq else None, quantized=bool(fake_quantizers(source)),
+                                          reduce_range={"auto": None, "on": True, "off": False}[args.reduce_range]))
         seconds[name] = time.perf_counter() - start
         _log(f"  {name}: wrote {', '.join(p.name for p in dict.fromkeys(variants[-1].files.values()))}")
-    reference = P.predict(P.source_runner(base.model.net, mean, std), images, 256)
 
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         _log("compress: measuring every artifact from disk")
-        results = P.measure(variants, images, labels, reference, mean, std, args.batch_sizes, args.warmup, args.repeats,
+        results = P.measure(variants, images, labels, base.model.net, mean, std, args.batch_sizes, args.warmup, args.repeats,
                             (args.min_agreement_float, args.min_agreement_int8), log=_log)
     finally:
         measured_threads = torch.get_num_threads()
@@ -249,6 +254,8 @@ def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> d
     meta = {
         "config": args.config, "checkpoint": args.ckpt, "extra_args": " ".join(extra),
         "finetune_epochs": args.finetune_epochs, "test_images": len(labels), "runtimes": runtimes,
+        "calibration_images": args.calibration_images if "ptq" in args.variants else 0,
+        "reduce_range": args.reduce_range, "vnni": cpu_has_vnni(),
         "latency": f"median of {args.repeats} calls after {args.warmup} warm-up (compilation excluded), "
                    "every artifact timed in turns; ONNX Runtime and OpenVINO at their default threads",
         "cpu_threads": measured_threads, "machine": describe_cpu(), "torch": torch.__version__,

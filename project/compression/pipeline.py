@@ -104,37 +104,43 @@ class Variant:
 def write_artifacts(
     name: str, source: nn.Module, program_net: nn.Module | None, runtimes: Sequence[str], folder: Path,
     input_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
-    calibration: np.ndarray | None = None, quantized: bool = False,
+    calibration: np.ndarray | None = None, quantized: bool = False, reduce_range: bool | None = None,
 ) -> Variant:
     """Ship one variant in ``runtimes`` under ``folder``.
 
     ``program_net`` is what the ``.pt2`` holds (the converted int8 model for QAT and PTQ, else the float network;
     ``None`` where torchao cannot quantize the network: no ``.pt2``, so ``runtimes`` must not hold torch ones).
+    The ``.pt2`` is kept only when a torch runtime is asked for; otherwise it is only the source of the ONNX model.
     ``calibration`` ([0, 1] training images) marks post-training int8: ONNX Runtime and OpenVINO then quantize the
-    float ``source`` themselves instead of exporting the torchao program.
+    float ``source`` themselves instead of exporting the torchao program (``reduce_range``: ONNX Runtime's 7-bit
+    weights; ``None`` chooses from the CPU).
     """
     if program_net is None and calibration is None:
         raise ValueError("only post-training int8 (calibration given) can ship without a .pt2")
     variant = Variant(name, source, quantized or calibration is not None)
     example = torch.rand(1, *input_shape)
-    if program_net is None:
-        variant.counts = _counts(source, (example - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
-    else:
-        program = save_artifact(program_net, input_shape, folder, name, mean, std)
-        variant.counts = network_counts(program, example)
-        variant.files.update({r: program for r in runtimes if r in ("torch", "torch.compile")})
-    if not {"onnxruntime", "openvino"} & set(runtimes):
-        return variant
+    torch_runtimes = [r for r in runtimes if r in ("torch", "torch.compile")]
+    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        keep_onnx = "onnxruntime" in runtimes
-        if calibration is None:
-            onnx = deploy.program_to_onnx(program, (folder if keep_onnx else Path(tmp)) / f"{name}.onnx")
+        scratch = Path(tmp)
+        if program_net is None:
+            normalised = (example - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+            variant.counts = _counts(source, normalised)
         else:
-            onnx = deploy.export_onnx(source, input_shape, Path(tmp) / "fp32.onnx", mean, std)
-            if keep_onnx:
-                variant.files["onnxruntime"] = deploy.quantize_onnx(onnx, folder / f"{name}.onnx", calibration)
-        if keep_onnx and calibration is None:
-            variant.files["onnxruntime"] = onnx
+            program = save_artifact(program_net, input_shape, folder if torch_runtimes else scratch, name, mean, std)
+            variant.counts = network_counts(program, example)
+            variant.files.update({r: program for r in torch_runtimes})
+        if not {"onnxruntime", "openvino"} & set(runtimes):
+            pass
+        elif calibration is None:  # the program itself: pruned, or int8 with its own scales
+            onnx = deploy.program_to_onnx(program, (folder if "onnxruntime" in runtimes else scratch) / f"{name}.onnx")
+            if "onnxruntime" in runtimes:
+                variant.files["onnxruntime"] = onnx
+        else:  # post-training int8: each runtime quantizes the float network with its own tool
+            onnx = deploy.export_onnx(source, input_shape, scratch / "fp32.onnx", mean, std)
+            if "onnxruntime" in runtimes:
+                variant.files["onnxruntime"] = deploy.quantize_onnx(onnx, folder / f"{name}.onnx", calibration,
+                                                                    reduce_range)
         if "openvino" in runtimes:
             variant.files["openvino"] = deploy.convert_openvino(onnx, folder / f"{name}.xml", calibration)
     variant.files = {r: variant.files[r] for r in runtimes if r in variant.files}
@@ -194,21 +200,29 @@ def _counts(module: nn.Module, image: torch.Tensor) -> dict[str, Any]:
 
 
 def measure(
-    variants: Sequence[Variant], images: np.ndarray, labels: np.ndarray, reference: np.ndarray,
+    variants: Sequence[Variant], images: np.ndarray, labels: np.ndarray, reference: nn.Module,
     mean: Sequence[float], std: Sequence[float], batch_sizes: Sequence[int], warmup: int, repeats: int,
     min_agreement: tuple[float, float] = (MIN_AGREEMENT_FLOAT, MIN_AGREEMENT_INT8), log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """``{variant: {runtime: figures}}`` for every artifact, each loaded back from disk (see the module docstring).
 
-    ``reference``: the fp32 PyTorch network's predictions on ``images``; ``min_agreement``: the (float, int8)
-    parity bounds.
+    ``reference``: the fp32 PyTorch network (normalised input), whose predictions ``agreement`` compares with;
+    ``min_agreement``: the (float, int8) parity bounds. No timing when ``batch_sizes`` is empty.
     """
     chunk = max(batch_sizes, default=64)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     runners: dict[tuple[str, str], Callable[[np.ndarray], np.ndarray]] = {}
+    predicted: dict[int, np.ndarray] = {}  # PyTorch predictions per network: fp32 and ptq share theirs
+
+    def source_predictions(net: nn.Module) -> np.ndarray:
+        if id(net) not in predicted:
+            predicted[id(net)] = predict(source_runner(net, mean, std), images, 256)
+        return predicted[id(net)]
+
+    reference_pred = source_predictions(reference)
     for v in variants:
         counts = v.counts
-        source_pred = predict(source_runner(v.source, mean, std), images, 256)
+        source_pred = source_predictions(v.source)
         bound = min_agreement[1] if v.quantized else min_agreement[0]
         results[v.name] = {}
         for runtime, path in v.files.items():
@@ -219,7 +233,7 @@ def measure(
             parity = float((pred == source_pred).mean())
             results[v.name][runtime] = {
                 "artifact": path.name, "accuracy": float((pred == labels).mean()),
-                "agreement": float((pred == reference).mean()), "parity": parity, "parity_bound": bound,
+                "agreement": float((pred == reference_pred).mean()), "parity": parity, "parity_bound": bound,
                 "drift": parity < bound, **counts, "file_bytes": size, "gzip_bytes": gzipped,
             }
             runners[(v.name, runtime)] = runner

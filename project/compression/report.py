@@ -98,8 +98,7 @@ def write_report(folder: Path, results: Results, meta: dict[str, Any], title: st
     """Write ``report.json``, ``report.md`` and the two plots into ``folder``; return the summary written."""
     folder.mkdir(parents=True, exist_ok=True)
     lat = latency_keys(results)
-    paths = {"json": folder / "report.json", "md": folder / "report.md",
-             "size_plot": folder / "accuracy_vs_size.png", "latency_plot": folder / "accuracy_vs_latency.png"}
+    paths = {"json": folder / "report.json", "md": folder / "report.md", "size_plot": folder / "accuracy_vs_size.png"}
     plot(results, "file_bytes", "file size on disk (bytes)", paths["size_plot"], title, log_x=True)
     summary: dict[str, Any] = {**meta}
     if lat:
@@ -107,6 +106,7 @@ def write_report(folder: Path, results: Results, meta: dict[str, Any], title: st
         batch = key.removeprefix("latency_ms_b")
         summary["fastest_runtime"] = {b.removeprefix("latency_ms_b"): fastest(results, b) for b in lat}
         summary["pareto_front"] = pareto_front(results, key)
+        paths["latency_plot"] = folder / "accuracy_vs_latency.png"
         plot(results, key, f"CPU latency at batch {batch} (ms, median)", paths["latency_plot"], title, log_x=True,
              front=summary["pareto_front"])
     summary["drift"] = drifted(results)
@@ -125,9 +125,10 @@ def write_report(folder: Path, results: Results, meta: dict[str, Any], title: st
         "of timed calls after warm-up, every file timed in turns.\n\n"
         f"## Fastest runtime per variant\n\n{fastest_lines or '- not timed'}\n\n"
         f"## Pareto front (accuracy vs latency at the largest batch)\n\n"
-        + "\n".join(f"- {n}" for n in summary.get("pareto_front", [])) + "\n\n"
+        + ("\n".join(f"- {n}" for n in summary.get("pareto_front", [])) or "- not timed") + "\n\n"
         f"## Drift (parity below its bound)\n\n{drift_lines}\n\n"
-        "![accuracy vs size](accuracy_vs_size.png)\n\n![accuracy vs latency](accuracy_vs_latency.png)\n"
+        "![accuracy vs size](accuracy_vs_size.png)\n"
+        + ("\n![accuracy vs latency](accuracy_vs_latency.png)\n" if lat else "")
     )
     return {**summary, "paths": {k: str(v) for k, v in paths.items()}}
 

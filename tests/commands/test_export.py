@@ -1,4 +1,5 @@
-"""The export command: ONNX and OpenVINO models, fp32 and post-training int8, that run in their runtime alone."""
+"""The export command (compress's deployment preset): ONNX and OpenVINO models, fp32 and post-training int8, that
+run in their runtime alone."""
 
 import json
 import subprocess
@@ -32,29 +33,33 @@ def exported(fake_mnist_dir: Path, lenet_ckpt: Path, tmp_path_factory: pytest.Te
 
 def test_every_model_is_written_and_agrees_with_pytorch(exported: dict) -> None:
     folder = Path(exported["folder"])
-    models = exported["models"]
-    assert list(models) == ["pytorch fp32", "onnx fp32", "onnx int8", "openvino fp32", "openvino int8"]
-    assert json.loads((folder / "export.json").read_text())["models"] == models
-    for name in ("model.onnx", "model_int8.onnx", "model.xml", "model.bin", "model_int8.xml", "model_int8.bin"):
-        assert (folder / name).is_file(), name
-    assert models["pytorch fp32"]["accuracy"] > 0.5  # the checkpoint learned the fake digits
-    for name in ("onnx fp32", "openvino fp32"):  # the same computation in another runtime
-        assert models[name]["agreement"] >= 0.99 and abs(models[name]["accuracy"] - models["pytorch fp32"]["accuracy"]) <= 0.01
-    for name in ("onnx int8", "openvino int8"):
-        assert models[name]["agreement"] >= 0.9, (name, models[name])
-        assert models[name]["file_bytes"] < 0.5 * models[name.replace("int8", "fp32")]["file_bytes"]
-    assert exported["reduce_range"] == "auto"
-    for name, model in models.items():  # every model timed at each batch size, with its spread
-        assert model["latency_ms_b1"] > 0 and model["latency_ms_b8"] > 0 and model["latency_ms_b8_iqr"] >= 0, name
+    models = exported["variants"]
+    assert {v: list(r) for v, r in models.items()} == {"fp32": ["onnxruntime", "openvino"],
+                                                       "ptq": ["onnxruntime", "openvino"]}
+    assert json.loads((folder / "report.json").read_text())["variants"] == models
+    for name in ("fp32.onnx", "ptq.onnx", "fp32.xml", "fp32.bin", "ptq.xml", "ptq.bin"):
+        assert (folder / "artifacts" / name).is_file(), name
+    assert not list(folder.glob("artifacts/*.pt2"))  # no torch runtime asked for: no .pt2 shipped
+    assert models["fp32"]["onnxruntime"]["accuracy"] > 0.5  # the checkpoint learned the fake digits
+    for runtime, row in models["fp32"].items():  # the same computation in another runtime
+        assert row["agreement"] >= 0.99 and row["parity"] == row["agreement"] and not row["drift"], runtime
+    for runtime, row in models["ptq"].items():
+        assert row["agreement"] >= 0.9, (runtime, row)
+        assert row["file_bytes"] < 0.5 * models["fp32"][runtime]["file_bytes"]
+    assert exported["reduce_range"] == "auto" and exported["drift"] == []
+    for name, row in ((f"{v} / {r}", row) for v, rows in models.items() for r, row in rows.items()):
+        assert row["latency_ms_b1"] > 0 and row["latency_ms_b8"] > 0 and row["latency_ms_b8_iqr"] >= 0, name
+    assert set(exported["fastest_runtime"]["8"]) == {"fp32", "ptq"}
 
 
 def test_reduce_range_follows_the_cpu_and_is_recorded(exported: dict, monkeypatch) -> None:
     import onnx
 
-    model = onnx.load(str(Path(exported["folder"]) / "model_int8.onnx"))
+    model = onnx.load(str(Path(exported["folder"]) / "artifacts" / "ptq.onnx"))
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["reduce_range"] == str(not deploy.cpu_has_vnni()).lower()
-    contract = json.loads(onnx.load(str(Path(exported["folder"]) / "model.onnx")).metadata_props[0].value)
+    fp32 = {p.key: p.value for p in onnx.load(str(Path(exported["folder"]) / "artifacts" / "fp32.onnx")).metadata_props}
+    contract = json.loads(fp32["input_contract"])
     assert contract["range"] == [0.0, 1.0] and contract["normalization_inside"]["mean"] == [0.1307]
     monkeypatch.setattr(deploy.Path, "read_text", lambda self: "flags\t: fpu avx2 avx512_vnni\n")
     assert deploy.cpu_has_vnni()
@@ -90,21 +95,21 @@ print(json.dumps(out))
 
 def test_models_run_in_their_runtime_alone_with_the_reported_accuracy(exported: dict, fake_mnist_dir: Path) -> None:
     folder = Path(exported["folder"])
-    names = {"onnx fp32": "model.onnx", "onnx int8": "model_int8.onnx", "openvino fp32": "model.xml",
-             "openvino int8": "model_int8.xml"}
-    paths = {name: str(folder / file) for name, file in names.items()}
+    names = {("fp32", "onnxruntime"): "fp32.onnx", ("ptq", "onnxruntime"): "ptq.onnx",
+             ("fp32", "openvino"): "fp32.xml", ("ptq", "openvino"): "ptq.xml"}
+    paths = {name: str(folder / "artifacts" / file) for name, file in names.items()}
     out = subprocess.run([sys.executable, "-c", _FRESH, str(fake_mnist_dir / "MNIST" / "raw"), *paths.values()],
                          capture_output=True, text=True, timeout=300, cwd=folder)
     assert out.returncode == 0, out.stderr[-2000:]
     accuracy = json.loads(out.stdout.strip().splitlines()[-1])
     for name, path in paths.items():
-        assert accuracy[path] == pytest.approx(exported["models"][name]["accuracy"], abs=1e-9), name
+        assert accuracy[path] == pytest.approx(exported["variants"][name[0]][name[1]]["accuracy"], abs=1e-9), name
 
 
-@pytest.mark.parametrize("name", ["model.onnx", "model_int8.xml"])
+@pytest.mark.parametrize("name", ["fp32.onnx", "ptq.xml"])
 def test_predict_runs_each_format(exported: dict, name: str, fake_mnist_dir: Path, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cli_main(["predict", f"--config={LENET}", f"--ckpt_path={Path(exported['folder']) / name}",
+    cli_main(["predict", f"--config={LENET}", f"--ckpt_path={Path(exported['folder']) / 'artifacts' / name}",
               f"--data.data_dir={fake_mnist_dir}", *FAST])
     (csv,) = tmp_path.glob("lightning_logs/mnist_lenet/version_*/predictions.csv")
     rows = csv.read_text().splitlines()
@@ -113,7 +118,7 @@ def test_predict_runs_each_format(exported: dict, name: str, fake_mnist_dir: Pat
 
 @pytest.mark.parametrize("suffix", [".onnx", ".xml"])
 def test_corrupt_model_is_one_clear_line(exported: dict, suffix: str, tmp_path) -> None:
-    source = Path(exported["folder"]) / f"model{suffix}"
+    source = Path(exported["folder"]) / "artifacts" / f"fp32{suffix}"
     broken = tmp_path / f"broken{suffix}"
     broken.write_bytes(source.read_bytes()[: len(source.read_bytes()) // 3])
     if suffix == ".xml":
@@ -125,7 +130,7 @@ def test_corrupt_model_is_one_clear_line(exported: dict, suffix: str, tmp_path) 
 
 def test_bad_input_is_one_line(capsys, lenet_ckpt: Path, tmp_path: Path) -> None:
     for argv, expected in (
-        ([f"--config={LENET}", f"--ckpt={lenet_ckpt}", "--formats=tflite"], "tflite"),
+        ([f"--config={LENET}", f"--ckpt={lenet_ckpt}", "--runtimes=tflite"], "tflite"),
         ([f"--config={LENET}", f"--ckpt={lenet_ckpt}", "--calibration-images=4"], "calibration"),
         ([f"--config={tmp_path / 'missing.yaml'}", f"--ckpt={lenet_ckpt}"], "does not exist"),
         ([f"--config={LENET}", f"--ckpt={lenet_ckpt}", "--batch-sizes=1,x"], "batch-sizes"),
@@ -142,3 +147,14 @@ def test_a_missing_runtime_is_one_line(monkeypatch) -> None:
     with pytest.raises(UserError, match="pip install openvino") as err:
         deploy.require("openvino")
     assert "\n" not in str(err.value)
+
+
+def test_export_is_compress_with_deployment_defaults() -> None:
+    from project.commands.export import compress_argv
+
+    base = ["--config=c.yaml", "--ckpt=m.ckpt"]
+    assert compress_argv(base)[-3:] == ["--variants=fp32,ptq", "--runtimes=onnxruntime,openvino", "--name=export"]
+    assert compress_argv([*base, "--no-int8"]) == [*base, "--variants=fp32", "--runtimes=onnxruntime,openvino",
+                                                   "--name=export"]
+    argv = compress_argv([*base, "--variants", "fp32,int8", "--runtimes=onnxruntime", "--data.data_dir=d"])
+    assert argv[-3:] == ["--variants=fp32,int8", "--runtimes=onnxruntime", "--name=export"] and "--data.data_dir=d" in argv

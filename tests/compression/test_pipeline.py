@@ -98,7 +98,7 @@ def test_a_corrupted_scale_is_drift(tmp_path: Path) -> None:
     onnx.save(model, str(path))
     images = _images(64, seed=2)
     reference = P.predict(P.source_runner(prepared, MEAN, STD), images, 64)
-    results = P.measure([variant], images, reference, reference, MEAN, STD, [], 0, 1)
+    results = P.measure([variant], images, reference, prepared, MEAN, STD, [], 0, 1)
     assert not results["int8"]["torch"]["drift"]
     assert results["int8"]["onnxruntime"]["drift"]
     (line,) = drifted(results)
