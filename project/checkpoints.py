@@ -147,7 +147,18 @@ def load_network(path: str | Path, what: str = "checkpoint") -> tuple[Classifier
 def check_checkpoint_of_config(path: str | Path, model: nn.Module) -> None:
     """``path`` must be a dense checkpoint of the architecture the config builds (``model``, whose ``hparams``
     name its ``arch``): what ``compress`` and ``export`` take. One-line UserError otherwise."""
-    hparams = load_checkpoint(path).get("hyper_parameters") or {}
+    from project.compression.artifacts import is_artifact
+
+    if is_artifact(str(path)):
+        raise UserError(f"{path} is an exported model: compress and export start from the float Lightning "
+                        "checkpoint (.ckpt) it came from")
+    checkpoint = load_checkpoint(path)
+    for cls in ChangesNetwork.registry:
+        reason = cls.needed_for(checkpoint)
+        if reason:  # a QAT or channel-pruned checkpoint: not the float network the variants are made from
+            raise UserError(f"checkpoint {path} {reason.split(':')[0]}: compress and export start from a float, "
+                            "unpruned checkpoint of the config (e.g. the run the compression started from)")
+    hparams = checkpoint.get("hyper_parameters") or {}
     want = getattr(model, "hparams", {}).get("arch")
     got = hparams.get("arch")
     if got is not None and want is not None and got != want:

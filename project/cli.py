@@ -7,7 +7,8 @@ A thin :class:`LightningCLI` subclass. What it adds to Lightning's CLI:
 - a ModelCheckpoint (``--checkpoint.*``: best by ``val/acc`` as ``best.ckpt``, plus ``last.ckpt``) and a
   learning-rate monitor on every run, a TensorBoard logger named after the config file;
 - ``fit`` tests the best checkpoint when it ends (``--test_after_fit false`` turns it off) and writes the
-  run's hparams with its final metrics to TensorBoard;
+  run's hparams with its final metrics to TensorBoard; before that, ``--export`` writes the network's files
+  (:mod:`project.fit_artifacts`);
 - ``--ckpt_path last`` resumes from the newest ``last.ckpt`` of earlier runs of the same config, into a new
   version folder; checkpoints always load with ``weights_only=True`` and are checked before use;
 - bad input ends with one ``error: ...`` line and exit status 2;
@@ -33,6 +34,7 @@ from project.callbacks.guards import NonFiniteLossGuard
 from project.callbacks.visuals import TensorBoardViews
 from project.checkpoints import AtomicCheckpointIO, check_checkpoint_fits, find_last_checkpoint, load_checkpoint
 from project.errors import UserError, exit_on_user_error
+from project.fit_artifacts import check_export, export_runtimes, write_fit_artifacts
 from project.parsing import ProjectParser
 from project.compression.artifacts import is_artifact
 from project.predictions import predict_with_model_file, write_predictions_csv
@@ -89,6 +91,14 @@ class ProjectCLI(LightningCLI):
             type=bool,
             default=True,
             help="After fit, test the best checkpoint (the last weights if none was saved).",
+        )
+        parser.add_argument(
+            "--export",
+            type=str,
+            default="auto",
+            help="At the end of fit, write the network (last weights) as <log_dir>/model.pt2/.onnx/.xml: a "
+            "comma-separated subset of torch,onnxruntime,openvino; none; or auto (the .pt2 when a pruning or QAT "
+            "callback changed the network).",
         )
 
     @property
@@ -174,9 +184,16 @@ class ProjectCLI(LightningCLI):
             raise UserError("--ckpt_path last needs the TensorBoard logger's folders: pass the checkpoint's path instead")
         return find_last_checkpoint(Path(logger.root_dir))
 
+    def _export_runtimes(self) -> list[str]:
+        return export_runtimes(self._active_config.get("export"), self.trainer.callbacks)
+
+    def before_fit(self) -> None:
+        check_export(self._export_runtimes(), self.datamodule)  # fail before training, not after
+
     def after_fit(self) -> None:
         if self.trainer.interrupted:
             return
+        write_fit_artifacts(self.trainer, self.model, self._export_runtimes())
         callback = self.trainer.checkpoint_callback
         metrics: dict[str, float] = {}
         if isinstance(callback, ModelCheckpoint) and callback.best_model_score is not None:
@@ -205,8 +222,8 @@ class ProjectCLI(LightningCLI):
     def predict(self, **kwargs: Any) -> None:
         """Predict on the DataModule's predict split and write ``predictions.csv`` into the run's folder.
 
-        ``--ckpt_path`` may also be a model the project exported (``model_int8.pt2``, ``pruned_model.pt2``, a
-        compress report's artifacts, ``export``'s ``.onnx`` and OpenVINO ``.xml``): it is fed the images in [0, 1].
+        ``--ckpt_path`` may also be a model the project exported (a fit's ``model.pt2``/``.onnx``/``.xml``, a
+        compress or export report's artifacts): it is fed the images in [0, 1].
         """
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path is not None and is_artifact(ckpt_path):

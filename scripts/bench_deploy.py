@@ -5,8 +5,10 @@ Reads the shared JPEG copy of CIFAR-10 (``cifar10-jpg.tar.gz`` in ``--data-dir``
 
 1. the BN CNN: ``fit`` with ``configs/cifar10_cnn.yaml``'s recipe for ``--cnn-epochs`` epochs, then ``compress``
    with variants ``fp32,ptq,int8,pruned_int8`` (QAT fine-tuned ``--finetune-epochs`` at ``--finetune-lr``);
-2. ResNet-18/32px: a short ``fit`` with ``configs/cifar10_resnet18.yaml``'s recipe (``--resnet-batches`` steps:
-   agreement is the point, not accuracy), then ``compress`` with ``fp32,ptq``.
+2. ResNet-18/32px: a short ``fit`` with ``configs/cifar10_resnet18.yaml``'s recipe (``--resnet-batches`` steps at
+   peak LR ``--resnet-lr``: agreement is the point, not accuracy), then ``compress`` with ``fp32,ptq``. The fit
+   must learn something: a network that has barely started has near-tied logits, whose order any int8
+   rounding flips (docs/benchmarks.md).
 
 ``compress`` ships each variant in torch eager, torch.compile, ONNX Runtime and OpenVINO, loads every file back
 and measures it on the 10,000 test images (accuracy, agreement with the fp32 PyTorch model) and at batch 1 and
@@ -58,7 +60,13 @@ def _project(args: list[str], env: dict | None = None) -> None:
     subprocess.run([sys.executable, "-m", "project", *args], check=True, cwd=REPO, env=env)
 
 
-def _fit(config: Path, work: Path, name: str, extra: list[str]) -> Path:
+def _fit(config: Path, work: Path, name: str, extra: list[str], reuse: Path | None = None) -> Path:
+    """The checkpoint of a fit of ``config``: a new fit, or the one an earlier run of this script made in ``reuse``."""
+    if reuse is not None:
+        found = sorted((reuse / name).glob("version_*/checkpoints/last.ckpt"))
+        if not found:
+            raise SystemExit(f"--reuse-fits {reuse}: no {name}/version_*/checkpoints/last.ckpt in it")
+        return found[-1]
     _project(["fit", f"--config={config}", f"--trainer.logger.init_args.save_dir={work}",
               f"--trainer.logger.init_args.name={name}", "--test_after_fit=false",
               "--trainer.enable_progress_bar=false", *extra])
@@ -105,7 +113,9 @@ def main() -> None:
     parser.add_argument("--extract-dir", default=str(REPO / "data" / "cifar10-jpg"))
     parser.add_argument("--work-dir", default=str(REPO / "lightning_logs" / "bench_deploy"))
     parser.add_argument("--cnn-epochs", type=int, default=5, help="float epochs of the BN CNN")
-    parser.add_argument("--resnet-batches", type=int, default=40, help="training steps of ResNet-18")
+    parser.add_argument("--resnet-batches", type=int, default=100, help="training steps of ResNet-18")
+    parser.add_argument("--resnet-lr", type=float, default=0.05,
+                        help="peak SGD LR of that short fit (the config's 0.1 leaves near-tied logits after 100 steps)")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="QAT fine-tuning epochs of int8/pruned_int8")
     parser.add_argument("--finetune-lr", type=float, default=0.005, help="constant-ish LR of the fine-tuning runs")
     parser.add_argument("--runtimes", default="torch,torch.compile,onnxruntime,openvino")
@@ -113,6 +123,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--isa", default=None, help="ONEDNN_MAX_CPU_ISA for compress (e.g. AVX2)")
     parser.add_argument("--only", choices=("cnn", "resnet18"), default=None)
+    parser.add_argument("--reuse-fits", default=None,
+                        help="work folder of an earlier run (e.g. lightning_logs/bench_deploy/<time>): compress its "
+                             "checkpoints again instead of fitting (e.g. once more with --isa AVX2)")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -121,17 +134,19 @@ def main() -> None:
     work.mkdir(parents=True)
     finetune = [f"--model.init_args.optimizer.init_args.lr={args.finetune_lr}",
                 f"--model.init_args.lr_scheduler.init_args.max_lr={args.finetune_lr}"]
-    result = {"machine": describe_cpu(), "isa_cap": args.isa, "models": {}}
+    reuse = Path(args.reuse_fits) if args.reuse_fits else None
+    result = {"machine": describe_cpu(), "isa_cap": args.isa, "fits_from": str(reuse or work), "models": {}}
     if args.only in (None, "cnn"):
         config = _config("cifar10_cnn.yaml", folder, work, "cnn")
-        ckpt = _fit(config, work, "cnn", [f"--trainer.max_epochs={args.cnn_epochs}"])
+        ckpt = _fit(config, work, "cnn", [f"--trainer.max_epochs={args.cnn_epochs}"], reuse)
         result["models"]["cifar10_cnn"] = summarize(
             _compress(config, ckpt, work, "fp32,ptq,int8,pruned_int8", args, finetune))
     if args.only in (None, "resnet18"):
         config = _config("cifar10_resnet18.yaml", folder, work, "resnet18")
         ckpt = _fit(config, work, "resnet18", ["--trainer.max_epochs=1",
                                                 f"--trainer.limit_train_batches={args.resnet_batches}",
-                                                "--model.init_args.lr_scheduler.init_args.warmup_steps=10"])
+                                                "--model.init_args.lr_scheduler.init_args.warmup_steps=20",
+                                                f"--model.init_args.optimizer.init_args.lr={args.resnet_lr}"], reuse)
         result["models"]["resnet18"] = summarize(_compress(config, ckpt, work, "fp32,ptq", args, []))
     result["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result))

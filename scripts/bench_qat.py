@@ -34,6 +34,7 @@ from lightning import Trainer, seed_everything  # noqa: E402
 
 from project.callbacks.qat import QuantizationAwareTraining  # noqa: E402
 from project.compression.export import as_unit_float, load_program, save_program  # noqa: E402
+from project.fit_artifacts import write_fit_artifacts  # noqa: E402
 from project.compression.measure import file_bytes, measure_latency_ms  # noqa: E402
 from project.data import ImageFolderDataModule, MNISTDataModule  # noqa: E402
 from project.tasks import ImageClassifier  # noqa: E402
@@ -86,10 +87,10 @@ def bench_model(name: str, make_model, make_data, recipe: dict, root: Path, limi
     seed_everything(0)
     qmodel = make_model(dm, recipe["qat_optimizer"], None, init_from=str(float_weights))
     qat = QuantizationAwareTraining(start_epoch=0, **recipe["qat"])
-    _trainer(qat_epochs, [qat], root / f"{name}_qat", limit_train).fit(qmodel, datamodule=dm)
+    qat_trainer = _trainer(qat_epochs, [qat], root / f"{name}_qat", limit_train)
+    qat_trainer.fit(qmodel, datamodule=dm)
     t_qat = time.time() - t0 - t_fp32
-    int8_path = qat.export_path
-    assert int8_path is not None
+    int8_path = write_fit_artifacts(qat_trainer, qmodel, ["torch"])["torch"]  # what fit's --export writes
 
     shape = (dm.in_channels, dm.image_size, dm.image_size)
     fp32_net = fp32.net.eval().to(memory_format=torch.contiguous_format)

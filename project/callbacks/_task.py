@@ -1,10 +1,10 @@
-"""What the callbacks share about the task they act on: its network, its input, its data's normalisation, its figures.
+"""What the callbacks share about the task they act on: its network, its input, its figures.
 
 Callbacks find the network by name (``pl_module.net``, else the module itself) and never by model class.
 """
 
 import torch
-from lightning import LightningModule, Trainer
+from lightning import LightningModule
 from torch import nn
 
 from project.compression import export
@@ -40,25 +40,6 @@ def input_shape(pl_module: LightningModule) -> tuple[int, ...]:
 def example_input(pl_module: LightningModule, batch: int = 1) -> torch.Tensor:
     """A fresh random input shaped like the task's input, on its device (never a data slice)."""
     return export.example_input(input_shape(pl_module), batch, device=pl_module.device)
-
-
-def input_normalization(trainer: Trainer) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The ``(mean, std)`` the run's DataModule normalises with: what a shipped program applies itself."""
-    datamodule = getattr(trainer, "datamodule", None)
-    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-    if mean is None or std is None:
-        raise UserError(
-            f"exporting a program needs the data's normalisation: {type(datamodule).__name__} has no mean/std"
-            " attributes (the project's DataModules have them)"
-        )
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-def save_program(trainer: Trainer, pl_module: LightningModule, net: nn.Module, path: str) -> str:
-    """Write ``net`` as a ``.pt2`` taking [0, 1] images (see :mod:`project.compression.export`)."""
-    mean, std = input_normalization(trainer)
-    export.save_program(net, input_shape(pl_module), path, mean, std)
-    return path
 
 
 def stats(pl_module: LightningModule) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """``ChannelPruning``: remove whole filters/channels with torch-pruning, fine-tune the smaller dense model.
 
-The pruned network really is smaller: fewer parameters, fewer MACs, faster on CPU. It is
-saved at the end of fit as ``<log_dir>/pruned_model.pt2`` (``torch.export``, taking [0, 1] images),
+The pruned network really is smaller: fewer parameters, fewer MACs, faster on CPU. ``fit`` ships it
+(``--export``, :mod:`project.fit_artifacts`) as ``<log_dir>/model.pt2`` (``torch.export``, taking [0, 1] images),
 which loads with ``torch.export.load(path).module()`` in a process that has only torch: no project
 code, no pickled classes. The Lightning checkpoints hold the pruning *plan* in the callback state;
 with this callback configured, ``--ckpt_path`` (resume, test) first shrinks the network to
@@ -9,7 +9,6 @@ the checkpoint's shapes (``shrink_to_state_dict``), then loads the weights.
 """
 
 import copy
-import os
 from typing import Any, Literal
 
 import torch
@@ -19,11 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from project.callbacks._task import (
     check_not_quantized,
     example_input,
-    input_normalization,
     network_of,
     network_prefix,
     print_table,
-    save_program,
     stats,
 )
 from project.callbacks.checkpoint import restart_best_checkpoint_tracking
@@ -60,7 +57,6 @@ class ChannelPruning(Callback, ChangesNetwork):
         exclude: Regular expression of layer names left whole. The classification head
             (``net.head``) is always left whole: it produces the class scores.
         round_to: Keep channel counts a multiple of this (e.g. 8 for SIMD-friendly widths).
-        export: At the end of fit, write ``<log_dir>/pruned_model.pt2``.
     """
 
     def __init__(
@@ -73,7 +69,6 @@ class ChannelPruning(Callback, ChangesNetwork):
         include: str | None = None,
         exclude: str | None = None,
         round_to: int | None = None,
-        export: bool = True,
     ) -> None:
         super().__init__()
         check_sparsity(amount, "channel pruning amount")
@@ -93,7 +88,6 @@ class ChannelPruning(Callback, ChangesNetwork):
         self.include = include
         self.exclude = exclude
         self.round_to = round_to
-        self.export = export
         # state saved in checkpoints
         self.plan: Plan = []
         self.pruned = False
@@ -176,8 +170,6 @@ class ChannelPruning(Callback, ChangesNetwork):
             self._hook = pl_module.register_load_state_dict_pre_hook(self._fit_checkpoint_shapes)
         if stage != "fit" or self.pruned:  # e.g. the test that follows fit, on the same model
             return
-        if self.export:
-            input_normalization(trainer)  # the exported program will need it: fail before training, not after
         if self.epoch > 0 and trainer.world_size > 1:
             raise UserError(
                 "channel pruning with epoch > 0 runs on one device only: use epoch: 0 (prune before training,"
@@ -200,15 +192,8 @@ class ChannelPruning(Callback, ChangesNetwork):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._dense = None
-        log_dir = trainer.log_dir  # every rank asks: it is a collective call under DDP
-        if not trainer.is_global_zero:
-            return
-        print_table("Channel pruning: network before and after", self.before, stats(pl_module))
-        if self.export and self.pruned and log_dir and not trainer.fast_dev_run:
-            os.makedirs(log_dir, exist_ok=True)
-            path = os.path.join(log_dir, "pruned_model.pt2")
-            save_program(trainer, pl_module, copy.deepcopy(network_of(pl_module)).cpu().eval(), path)
-            rank_zero_info(f"pruned model written to {path} (torch.export.load(path).module() loads it; it takes [0, 1] images)")
+        if trainer.is_global_zero:
+            print_table("Channel pruning: network before and after", self.before, stats(pl_module))
 
     def state_dict(self) -> dict[str, Any]:
         return {"plan": list(self.plan), "pruned": self.pruned, "before": self.before}

@@ -1,7 +1,7 @@
 """``MagnitudePruning``: gradual unstructured L1 magnitude pruning as a Lightning callback.
 
 The masks live in the callback, not in the model: the network keeps its plain parameters
-(pruned entries are exact zeros), so every checkpoint and exported state_dict loads into a
+(pruned entries are exact zeros), so every checkpoint's weights load into a
 never-pruned model with ``load_state_dict``. The masks and the schedule position travel in
 the callback's own checkpoint state, which is what a mid-schedule resume needs.
 
@@ -9,7 +9,6 @@ Nothing of Lightning's ``ModelPruning`` is used: no biases or BatchNorm unless a
 lottery-ticket reset, no ``weight_orig``/``weight_mask`` reparametrisation.
 """
 
-import os
 from typing import Any, Literal
 
 import torch
@@ -17,7 +16,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
-from project.callbacks._task import check_not_quantized, network_of, network_prefix, print_table, stats
+from project.callbacks._task import check_not_quantized, network_prefix, print_table, stats
 from project.callbacks.checkpoint import restart_best_checkpoint_tracking
 from project.compression.sparsity import (
     apply_masks,
@@ -57,8 +56,6 @@ class MagnitudePruning(Callback):
         exclude: Regular expression of module names left dense, e.g. ``"head"``.
         parameter_names: Which parameters of the selected modules to prune; weights only by
             default (add ``bias`` to prune biases too).
-        export_weights: At the end of fit, write the pruned network's plain ``state_dict`` to
-            ``<log_dir>/pruned_weights.pt`` (loads into ``build_network(...)``).
         best_checkpoint_after_pruning: Restart the checkpoint's "best" tracking when the final
             sparsity is reached, so the best checkpoint (tested after fit) is a pruned one.
     """
@@ -76,7 +73,6 @@ class MagnitudePruning(Callback):
         include: str | None = None,
         exclude: str | None = None,
         parameter_names: list[str] | None = None,
-        export_weights: bool = True,
         best_checkpoint_after_pruning: bool = True,
     ) -> None:
         super().__init__()
@@ -99,7 +95,6 @@ class MagnitudePruning(Callback):
         self.include = include
         self.exclude = exclude
         self.parameter_names = list(parameter_names or ["weight"])
-        self.export_weights = export_weights
         self.best_checkpoint_after_pruning = best_checkpoint_after_pruning
         # state saved in checkpoints
         self.masks: dict[str, torch.Tensor] = {}
@@ -208,15 +203,8 @@ class MagnitudePruning(Callback):
                 f"pruning stopped at {self.unit} {self.last_point} before its last step ({self.end}):"
                 f" the model has not reached sparsity {self.amount}"
             )
-        log_dir = trainer.log_dir  # every rank asks: it is a collective call under DDP
-        if not trainer.is_global_zero:
-            return
-        print_table("Unstructured pruning: network before and after", self.before, stats(pl_module))
-        if self.export_weights and log_dir and not trainer.fast_dev_run:
-            os.makedirs(log_dir, exist_ok=True)
-            path = os.path.join(log_dir, "pruned_weights.pt")
-            torch.save(network_of(pl_module).state_dict(), path)
-            rank_zero_info(f"pruned weights (plain state_dict of the network) written to {path}")
+        if trainer.is_global_zero:
+            print_table("Unstructured pruning: network before and after", self.before, stats(pl_module))
 
     # -- checkpoint state -----------------------------------------------------------------
 

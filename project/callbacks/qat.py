@@ -15,22 +15,20 @@ What it does, and why it avoids what broke Lightning's old QAT callback:
   test, so evaluation data never moves the quantization ranges.
 - At validation and test an int8-converted *copy* is evaluated on the same batches and
   ``val/acc_int8`` / ``test/acc_int8`` are logged; the training model is never converted.
-- At the end of fit the converted model is written to ``<log_dir>/model_int8.pt2``, a program taking
-  [0, 1] images (see :mod:`project.compression.export`).
+- ``fit`` ships the converted model (``--export``, :mod:`project.fit_artifacts`) as ``<log_dir>/model.pt2``, a
+  program taking [0, 1] images, and in ONNX and OpenVINO as QDQ with the learned scales.
 - Weights that are exactly zero when training starts (e.g. after pruning) are kept at zero.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from project.callbacks._task import input_normalization, input_shape, save_program
+from project.callbacks._task import input_shape
 from project.callbacks.checkpoint import restart_best_checkpoint_tracking
 from project.checkpoints import ChangesNetwork
 from project.compression import quantization as Q
@@ -51,8 +49,6 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
             stops updating them. ``None``: never frozen.
         evaluate_int8: Evaluate an int8-converted copy at each validation and test and log
             ``val/acc_int8`` / ``test/acc_int8``.
-        export: At the end of fit, write the int8 model to ``<log_dir>/<export_name>``.
-        export_name: File name of the int8 model (``.pt2``).
         keep_sparsity: Keep weights that are exactly zero when training starts at zero (pruned weights).
         reduce_range: Quantize activations to 7 bits. ``None`` (default): on exactly where the CPU has no VNNI,
             whose int8 kernels saturate on full-range activations (:mod:`project.compression.cpu`). Set it to
@@ -65,8 +61,6 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
         freeze_observers_epoch: int | None = None,
         freeze_bn_epoch: int | None = None,
         evaluate_int8: bool = True,
-        export: bool = True,
-        export_name: str = "model_int8.pt2",
         keep_sparsity: bool = True,
         reduce_range: bool | None = None,
     ) -> None:
@@ -79,18 +73,13 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
             )
         if freeze_bn_epoch is not None and freeze_bn_epoch < 0:
             raise UserError(f"QAT freeze_bn_epoch must be >= 0 or null, got {freeze_bn_epoch}")
-        if not export_name.endswith(".pt2"):
-            raise UserError(f"QAT export_name must end with .pt2, got {export_name!r}")
         Q.require_torchao()
         self.start_epoch = start_epoch
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
         self.evaluate_int8 = evaluate_int8
-        self.export = export
-        self.export_name = export_name
         self.keep_sparsity = keep_sparsity
         self.reduce_range = reduce_range
-        self.export_path: Path | None = None
         self._prepared: nn.Module | None = None
         self._input_shape: tuple[int, ...] = ()
         self._masks: dict[str, torch.Tensor] = {}
@@ -143,8 +132,6 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
                 f"QAT start_epoch ({self.start_epoch}) is not below trainer.max_epochs ({epochs}): "
                 "QAT would never run; lower start_epoch or raise max_epochs"
             )
-        if stage == "fit" and self.export:
-            input_normalization(trainer)  # the exported program will need it: fail before training, not after
         self._input_shape = input_shape(pl_module)
         prepared = Q.prepare_qat(net, self._input_shape, self.reduce_range)
         pl_module.net = prepared
@@ -241,18 +228,3 @@ class QuantizationAwareTraining(Callback, ChangesNetwork):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_eval(trainer, pl_module, "test")
-
-    # ---- export ----------------------------------------------------------------------------------------
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.export or trainer.interrupted:
-            return
-        net = pl_module.net
-        if not any(bool(fq.fake_quant_enabled.item()) for fq in Q.fake_quantizers(net)):
-            return  # QAT never ran (e.g. fit stopped before start_epoch): nothing calibrated to export
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        self.export_path = folder / self.export_name
-        if trainer.is_global_zero:
-            save_program(trainer, pl_module, Q.convert_copy(net), str(self.export_path))
-            rank_zero_info(f"QAT: wrote the int8 model to {self.export_path}")
-        trainer.strategy.barrier("qat_export")

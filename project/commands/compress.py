@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import shutil
 import time
 from collections.abc import Iterator
 from importlib import resources
@@ -215,14 +216,26 @@ def _run(args: argparse.Namespace, extra: list[str], variants_folder: Path) -> d
     from project.checkpoints import check_checkpoint_of_config
     from project.compression import pipeline as P
     from project.compression import report as R
-    from project.compression.cpu import cpu_has_vnni, describe_cpu
-    from project.compression.quantization import fake_quantizers
 
     runtimes = P.choose_runtimes(args.runtimes, "ptq" in args.variants, log=_log)
     base = _cli([f"--config={args.config}", *extra, "--trainer.logger=false"])  # never fits: the fp32 network, the data
     check_checkpoint_of_config(args.ckpt, base.model)
     folder = R.next_version_dir(args.out, args.name)
     _log(f"compress: report folder {folder}; runtimes {', '.join(runtimes)}")
+    try:
+        return _build_and_measure(args, extra, variants_folder, runtimes, base, folder)
+    except BaseException:  # bad input found on the way (a network a runtime cannot export), or an interrupt
+        shutil.rmtree(folder, ignore_errors=True)  # no half-filled report folder is left behind
+        raise
+
+
+def _build_and_measure(args: argparse.Namespace, extra: list[str], variants_folder: Path, runtimes: list[str],
+                       base: Any, folder: Path) -> dict[str, Any]:
+    from project.compression import pipeline as P
+    from project.compression import report as R
+    from project.compression.cpu import cpu_has_vnni, describe_cpu
+    from project.compression.quantization import fake_quantizers
+
     hp = base.model.hparams
     shape = (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"]))
     mean, std = base.datamodule.mean, base.datamodule.std

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from project.callbacks.channel_pruning import ChannelPruning
 from project.compression import measure
+from project.fit_artifacts import write_fit_artifacts
 from project.models import build_network
 from project.tasks import ImageClassifier
 from tests.conftest import run_python
@@ -31,7 +32,8 @@ def test_channel_pruning_callback_exports_pt2_that_loads_without_project_code_an
     trainer = make_trainer(tmp_path, [pruner, ckpt], max_epochs=1, limit_train_batches=4, limit_val_batches=1)
     trainer.fit(model, PatternedData())
     assert measure.count_parameters(model.net) < 0.5 * dense_params
-    artefact = Path(trainer.log_dir) / "pruned_model.pt2"
+    artefact = write_fit_artifacts(trainer, model, ["torch"])["torch"]  # what fit's --export writes
+    assert artefact == Path(trainer.log_dir) / "model.pt2"
     x = torch.randn(3, 1, 28, 28)
     torch.save(x, tmp_path / "x.pt")
     expected = model.net.eval()(x)

@@ -15,6 +15,7 @@ from project.callbacks.channel_pruning import ChannelPruning
 from project.callbacks.magnitude_pruning import MagnitudePruning
 from project.compression.sparsity import cubic_sparsity
 from project.errors import UserError
+from project.fit_artifacts import write_fit_artifacts
 from project.tasks import ImageClassifier
 from tests.conftest import run_python
 from tests.toys import PatternedData, cpu_trainer
@@ -79,7 +80,7 @@ def test_sparsity_follows_schedule_zeros_stay_zero_biases_and_batchnorm_untouche
     assert all(r.get("sparsity/net.head.weight") for r in rows if r.get("sparsity/global"))
 
 
-def test_checkpoint_and_exported_weights_load_into_plain_model_in_fresh_process(tmp_path):
+def test_checkpoint_and_exported_program_keep_the_zeros_in_a_fresh_process(tmp_path):
     L.seed_everything(1)
     model = ImageClassifier(10, 1, 28, arch="lenet5")
     pruner = MagnitudePruning(amount=0.9, start=1, unit="epoch")  # one-shot at the start of epoch 1
@@ -94,28 +95,29 @@ def test_checkpoint_and_exported_weights_load_into_plain_model_in_fresh_process(
     x = torch.randn(4, 1, 28, 28)
     torch.save(x, tmp_path / "x.pt")
     expected = model.net.eval()(x)
-    weights = Path(trainer.log_dir) / "pruned_weights.pt"
-    assert weights.is_file()
+    program = write_fit_artifacts(trainer, model, ["torch"])["torch"]  # what fit's --export writes
+    assert program == Path(trainer.log_dir) / "model.pt2"
     result = run_python(
         f"""
         import json, torch
         from project.models import build_network
-        out = {{}}
-        for name, path in [("ckpt", {str(tmp_path / 'final' / 'final.ckpt')!r}), ("weights", {str(weights)!r})]:
-            state = torch.load(path, weights_only=True)
-            if "state_dict" in state:
-                state = {{k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")}}
-            net = build_network("lenet5", 10, 1, 28)  # never pruned
-            net.load_state_dict(state, strict=True)
-            ws = [m.weight for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-            zeros = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
-            y = net.eval()(torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True))
-            out[name] = {{"sparsity": zeros, "keys": sorted(state), "y": y.tolist()}}
+        x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+        state = torch.load({str(tmp_path / 'final' / 'final.ckpt')!r}, weights_only=True)
+        state = {{k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")}}
+        net = build_network("lenet5", 10, 1, 28)  # never pruned
+        net.load_state_dict(state, strict=True)
+        ws = [m.weight for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        out = {{"ckpt": {{"sparsity": sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws),
+                          "keys": sorted(state), "y": net.eval()(x).tolist()}}}}
+        exported = torch.export.load({str(program)!r})  # PatternedData's mean 0, std 1: x is what it takes
+        ws = [v for k, v in exported.state_dict.items() if k.endswith("weight") and v.dim() > 1]
+        out["program"] = {{"sparsity": sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws),
+                           "keys": sorted(exported.state_dict), "y": exported.module()(x).tolist()}}
         print(json.dumps(out))
         """,
         tmp_path,
     )
-    for name in ("ckpt", "weights"):
+    for name in ("ckpt", "program"):
         assert result[name]["sparsity"] == pytest.approx(0.9, abs=1e-4)
         assert not any("_orig" in k or "_mask" in k for k in result[name]["keys"])
         assert torch.allclose(torch.tensor(result[name]["y"]), expected, atol=1e-5)
@@ -214,7 +216,7 @@ def test_pruning_listed_before_qat_keeps_zeros_through_fake_quantized_training(t
     L.seed_everything(6)
     model = ImageClassifier(10, 1, 28, arch="lenet5", optimizer=sgd_momentum)
     pruner = MagnitudePruning(amount=0.8, start=0, unit="epoch")
-    qat = QuantizationAwareTraining(evaluate_int8=False, export=False)
+    qat = QuantizationAwareTraining(evaluate_int8=False)
     trainer = make_trainer(tmp_path, [pruner, qat], max_epochs=2, limit_train_batches=3, limit_val_batches=1,
                            logger=False, enable_checkpointing=False)
     trainer.fit(model, PatternedData())
@@ -227,7 +229,7 @@ def test_pruning_listed_before_qat_keeps_zeros_through_fake_quantized_training(t
 def test_pruning_listed_after_qat_is_a_clear_error(tmp_path):
     from project.callbacks.qat import QuantizationAwareTraining
 
-    qat = QuantizationAwareTraining(evaluate_int8=False, export=False)
+    qat = QuantizationAwareTraining(evaluate_int8=False)
     trainer = make_trainer(tmp_path, [qat, MagnitudePruning(amount=0.5)], max_epochs=1, logger=False)
     with pytest.raises(UserError, match="before QuantizationAwareTraining"):
         trainer.fit(ImageClassifier(10, 1, 28, arch="lenet5"), PatternedData())

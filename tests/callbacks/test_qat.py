@@ -22,6 +22,7 @@ from project.compression.export import load_program  # noqa: E402
 from project.predictions import predict_with_model_file  # noqa: E402
 from project.compression.graph_mode import bn_frozen  # noqa: E402
 from project.errors import UserError  # noqa: E402
+from project.fit_artifacts import write_fit_artifacts  # noqa: E402
 from project.models import build_network  # noqa: E402
 from project.tasks import ImageClassifier  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -57,8 +58,9 @@ def test_qat_trains_logs_int8_accuracy_and_exports(tmp_path):
     metrics = trainer.callback_metrics
     assert metrics["val/acc"] > 0.8
     assert abs(float(metrics["val/acc_int8"]) - float(metrics["val/acc"])) <= 0.05
-    assert qat.export_path is not None and qat.export_path.is_file()
-    with zipfile.ZipFile(qat.export_path) as archive:  # lean: entries deflated, no example inputs
+    (path,) = write_fit_artifacts(trainer, model, ["torch"]).values()  # what fit's --export writes
+    assert path == Path(trainer.log_dir) / "model.pt2" and path.is_file()
+    with zipfile.ZipFile(path) as archive:  # lean: entries deflated, no example inputs
         assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in archive.infolist())
         assert not any("sample_inputs" in i.filename and i.file_size > 1024 for i in archive.infolist())
     results = trainer.test(model, val, verbose=False)[0]
@@ -92,7 +94,7 @@ def test_observers_and_batchnorm_freeze_at_configured_epochs(tmp_path):
     train, val = block_loaders(channels=3, size=16, n=128)
     model = toy_classifier(arch="cnn", in_channels=3, image_size=16)
     snaps = _Snapshots()
-    qat = QuantizationAwareTraining(freeze_observers_epoch=1, freeze_bn_epoch=2, evaluate_int8=False, export=False)
+    qat = QuantizationAwareTraining(freeze_observers_epoch=1, freeze_bn_epoch=2, evaluate_int8=False)
     trainer = cpu_trainer(tmp_path, [qat, snaps], logger="csv", max_epochs=3, limit_val_batches=1)
     trainer.fit(model, datamodule=LoaderData(train, val))
 
@@ -116,7 +118,7 @@ def test_start_epoch_trains_float_first(tmp_path):
             fqs = Q.fake_quantizers(pl_module.net)
             snaps.append((bool(fqs[0].fake_quant_enabled), "val/acc_int8" in trainer.callback_metrics))
 
-    qat = QuantizationAwareTraining(start_epoch=1, export=False)
+    qat = QuantizationAwareTraining(start_epoch=1)
     trainer = cpu_trainer(tmp_path, [qat, Probe()], logger="csv", max_epochs=2)
     trainer.fit(model, datamodule=LoaderData(train, val))
     # (fake quant on, int8 logged) at the end of each epoch: the epoch-0 validation runs before this hook
@@ -137,7 +139,9 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
     # on such a toy (docs/quantization.md).
     # The trained-CNN test in tests/compression/test_cpu.py checks compiled against eager under reduce_range.
     qat = QuantizationAwareTraining(reduce_range=False)
-    cpu_trainer(tmp_path, [qat], logger="csv", max_epochs=1).fit(model, datamodule=LoaderData(train, val))
+    trainer = cpu_trainer(tmp_path, [qat], logger="csv", max_epochs=1)
+    trainer.fit(model, datamodule=LoaderData(train, val))
+    (path,) = write_fit_artifacts(trainer, model, ["torch"]).values()
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         expected = Q.convert_copy(model.net)(x)
@@ -148,7 +152,7 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
         import torchao.quantization.pt2e  # registers the quantized_decomposed ops
         assert not any(m.startswith("project") for m in sys.modules)
         x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)["x"]
-        m = torch.export.load({str(qat.export_path)!r}).module()
+        m = torch.export.load({str(path)!r}).module()
         eager = m(x)
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # int8 fusion passes
         torch._inductor.config.freezing = True
@@ -167,7 +171,7 @@ def test_exported_int8_reloads_in_a_fresh_process(tmp_path):
     compiled = torch.tensor(result["compiled"])
     assert (compiled.argmax(-1) == expected.argmax(-1)).all()
     assert torch.allclose(compiled, expected, atol=0.1 * float(expected.abs().max()))
-    pred = predict_with_model_file(Path(qat.export_path), x.split(4))
+    pred = predict_with_model_file(path, x.split(4))
     assert torch.equal(pred["pred"], expected.argmax(-1))
 
 
@@ -180,7 +184,7 @@ def test_mid_qat_resume_matches_an_uninterrupted_run(tmp_path):
         train, val = block_loaders(n=96, shuffle=False)
         model = toy_classifier()
         ckpt = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
-        qat = QuantizationAwareTraining(freeze_observers_epoch=1, export=False, evaluate_int8=False,
+        qat = QuantizationAwareTraining(freeze_observers_epoch=1, evaluate_int8=False,
                                         reduce_range=reduce_range)
         trainer = cpu_trainer(
             tmp_path / folder, [qat, ckpt], logger="csv", max_epochs=epochs, enable_checkpointing=True
@@ -220,11 +224,13 @@ model = toy_classifier()
 qat = QuantizationAwareTraining()
 trainer = cpu_trainer({out!r}, [qat], logger="csv", max_epochs=2, devices=2, strategy="ddp")
 trainer.fit(model, datamodule=LoaderData(train, val))
+from project.fit_artifacts import write_fit_artifacts
+files = write_fit_artifacts(trainer, model, ["torch"])  # every rank calls it, rank 0 writes
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 scales = torch.cat([b.flatten() for n, b in model.named_buffers() if n.endswith(".scale")])
 result = {{"rank": trainer.global_rank, "sum": float(flat.double().sum()), "scales": scales.tolist(),
           "acc": float(trainer.callback_metrics["val/acc"]), "acc_int8": float(trainer.callback_metrics["val/acc_int8"]),
-          "export": str(qat.export_path)}}
+          "export": str(files.get("torch", ""))}}
 with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
     json.dump(result, f)
 from project.runtime import finish_distributed
@@ -241,7 +247,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert r0["sum"] == pytest.approx(r1["sum"], abs=1e-6)  # gradients were synchronized
     assert r0["scales"] == pytest.approx(r1["scales"])  # observers too (buffers broadcast)
     assert r0["acc"] > 0.8 and r0["acc_int8"] > 0.8 and r0["acc_int8"] == r1["acc_int8"]
-    assert Path(r0["export"]).is_file()
+    assert Path(r0["export"]).is_file() and r1["export"] == ""  # written once, by rank 0
 
 
 def test_pruned_weights_stay_zero_through_qat_and_int8(tmp_path):
@@ -255,11 +261,11 @@ def test_pruned_weights_stay_zero_through_qat_and_int8(tmp_path):
                 mask = torch.rand_like(p) < 0.5
                 p[mask] = 0
                 masked += int(mask.sum())
-    qat = QuantizationAwareTraining()
-    cpu_trainer(tmp_path, [qat], logger="csv", max_epochs=1).fit(model, datamodule=LoaderData(train, val))
+    trainer = cpu_trainer(tmp_path, [QuantizationAwareTraining()], logger="csv", max_epochs=1)
+    trainer.fit(model, datamodule=LoaderData(train, val))
     zeros = sum(int((p == 0).sum()) for p in model.net.parameters() if p.dim() > 1)
     assert zeros >= masked
-    int8 = load_program(qat.export_path)
+    int8 = load_program(write_fit_artifacts(trainer, model, ["torch"])["torch"])
     int8_zeros = sum(int((b == 0).sum()) for b in int8.buffers() if b.dtype == torch.int8)
     assert int8_zeros >= masked
 

@@ -117,6 +117,7 @@ CASES = {
     "checkpoint-other-num-classes": ("test", _other_classes, "num_classes"),
     "truncated-checkpoint": ("fit", _truncated_ckpt, "unreadable"),
     "unwritable-log-folder": ("fit", _unwritable_logs, "cannot write the run's logs"),
+    "unknown-export-runtime": ("fit", _args("--export=tflite"), "--export 'tflite': choose auto, none or"),
 }
 
 

@@ -215,7 +215,7 @@ def test_predict_runs_on_the_exported_int8_program(fake_mnist_dir, tmp_path, mon
     run = sorted((tmp_path / "lightning_logs" / "mnist_lenet_int8").glob("version_*"))[-1]
     main(["test", *common, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])  # the weights that were exported
     tested = sorted((tmp_path / "lightning_logs" / "mnist_lenet_int8").glob("version_*"))[-1]
-    main(["predict", *common, f"--ckpt_path={run / 'model_int8.pt2'}"])
+    main(["predict", *common, f"--ckpt_path={run / 'model.pt2'}"])
     out = sorted((tmp_path / "lightning_logs" / "mnist_lenet_int8").glob("version_*"))[-1] / "predictions.csv"
     rows = out.read_text().splitlines()
     assert rows[0] == "index,pred,prob" and len(rows) == 1 + 128

@@ -51,11 +51,11 @@ FREEZING = {
 }
 PRUNING = {
     "class_path": "project.callbacks.magnitude_pruning.MagnitudePruning",
-    "init_args": {"amount": 0.5, "start": 0, "end": 1, "frequency": 1, "unit": "epoch", "export_weights": False},
+    "init_args": {"amount": 0.5, "start": 0, "end": 1, "frequency": 1, "unit": "epoch"},
 }
 QAT = {
     "class_path": "project.callbacks.qat.QuantizationAwareTraining",
-    "init_args": {"start_epoch": 0, "export": False},
+    "init_args": {"start_epoch": 0},
 }
 COMBOS = {
     "plain": [],
@@ -130,6 +130,8 @@ def test_ddp_fit_completes_with_equal_step_counts(ddp_run) -> None:
     steps_per_epoch = -(-((N_TRAIN - VAL_SIZE + 1) // 2) // 32)  # ceil(2500 / 32): every rank gets as many batches
     assert steps_per_epoch > 32  # more steps than the chunked training-metric update holds back
     assert last["global_step"] == EPOCHS * steps_per_epoch == ranks[0]["global_step"] == ranks[1]["global_step"]
+    # --export auto: the compressed network is shipped once, by rank 0; a plain or frozen one is not
+    assert (ddp_run["version"] / "model.pt2").is_file() == ("pruning" in ddp_run["combo"])
 
 
 def test_ranks_end_with_identical_weights(ddp_run, request) -> None:

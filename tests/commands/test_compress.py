@@ -214,3 +214,43 @@ def test_a_drifted_artifact_fails_the_command_naming_it(capsys, monkeypatch, tmp
     assert "ptq in onnxruntime" in (folder / "report.md").read_text().split("## Drift")[1]
     kept = compress_run([*argv, "--allow-drift"])
     assert kept["drift"] and Path(kept["folder"]).name == "version_1"
+
+
+def _nothing_written(out: Path) -> bool:
+    return not list(out.glob("compress/version_*"))
+
+
+def test_a_qat_or_exported_model_as_the_source_is_one_line(capsys, tmp_path: Path, fake_mnist_dir: Path) -> None:
+    from project.compression import quantization as Q
+
+    pytest.importorskip("torchao")
+    model = ImageClassifier(num_classes=10, arch="lenet5")
+    model.net = Q.prepare_qat(model.net, (1, 28, 28))  # what a QAT run's checkpoints hold: fake-quant state
+    qat_ckpt = tmp_path / "qat.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, qat_ckpt)
+    program = tmp_path / "model.pt2"
+    program.write_bytes(b"PK")
+    lenet = f"--config={REPO / 'configs/mnist_lenet.yaml'}"
+    capsys.readouterr()  # torch's own warnings while preparing the QAT network
+    for ckpt, expected in ((qat_ckpt, "quantization-aware training: compress and export start from a float"),
+                           (program, "is an exported model")):
+        line = _error_line(capsys, [lenet, f"--ckpt={ckpt}", f"--out={tmp_path}", f"--data.data_dir={fake_mnist_dir}"])
+        assert expected in line, line
+    assert _nothing_written(tmp_path)
+
+
+def test_a_network_a_runtime_cannot_export_is_one_line_and_leaves_nothing(
+        capsys, monkeypatch, tmp_path: Path, fake_mnist_dir: Path, lenet_ckpt: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from project.compression import deploy
+    from project.errors import UserError
+
+    def refuses(program_path, path):
+        raise UserError(f"{program_path.name} does not export to ONNX (an operator the exporter lacks)")
+
+    monkeypatch.setattr(deploy, "program_to_onnx", refuses)
+    line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}",
+                                "--variants=fp32", "--runtimes=torch,onnxruntime", "--batch-sizes=", f"--out={tmp_path}",
+                                f"--data.data_dir={fake_mnist_dir}", *FAST])
+    assert "fp32.pt2 does not export to ONNX" in line
+    assert _nothing_written(tmp_path)  # the folder with fp32.pt2 in it was removed

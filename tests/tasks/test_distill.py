@@ -159,7 +159,7 @@ def test_pruning_the_student_leaves_the_teacher_dense(teacher_ckpt) -> None:
 
     model = _student(teacher_ckpt)
     before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    trainer = _trainer([MagnitudePruning(amount=0.5, export_weights=False)], max_epochs=1)
+    trainer = _trainer([MagnitudePruning(amount=0.5)], max_epochs=1)
     trainer.fit(model, random_loader(), random_loader(seed=1))
     student = [m.weight for m in model.net.modules() if isinstance(m, torch.nn.Linear)]
     zeros = sum(int((w == 0).sum()) for w in student) / sum(w.numel() for w in student)
@@ -175,7 +175,7 @@ def test_qat_of_the_student_trains_against_the_float_teacher(teacher_ckpt) -> No
     teacher = model.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     recorder = _Recorder()
-    qat = QuantizationAwareTraining(evaluate_int8=False, export=False)
+    qat = QuantizationAwareTraining(evaluate_int8=False)
     _trainer([recorder, qat], max_epochs=1).fit(model, random_loader(), random_loader(seed=1))
     assert fake_quantizers(model.net) and not fake_quantizers(model.teacher)  # the student was swapped, not the teacher
     assert model.teacher is teacher and not teacher.training
