@@ -1,11 +1,12 @@
 """Process-wide settings that the CLI applies before it builds anything, and the end of a distributed run."""
 
+import contextlib
 import ctypes
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -35,6 +36,37 @@ def keep_freed_memory(nbytes: int = KEEP_BYTES) -> bool:
     except (OSError, AttributeError):  # musl and other C libraries
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(mallopt(_M_TRIM_THRESHOLD, nbytes))
+
+
+class _SignalStack(ctypes.Structure):  # stack_t of sigaltstack(2), Linux
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Give the calling thread back its alternate signal stack after the block (around OpenVINO calls).
+
+    OpenVINO's CPU plugin installs an alternate signal stack of its own on the thread that first compiles a
+    model with a new ``openvino.Core`` and, when that core goes, reinstalls the stack it found. Cores that go
+    in another order than they came (NNCF's own, one per loaded model) leave the thread on a stack already
+    freed: the next signal handled on it (a DataLoader worker's SIGCHLD, Python's handlers run on the alternate
+    stack) kills the process with SIGSEGV, far from any OpenVINO call. With the thread's own stack put back at
+    once, every core saves and restores that one, in any order. Does nothing off Linux.
+    """
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            saved = _SignalStack()
+            if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+                libc = None
+        except (OSError, AttributeError):
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def skip_nvml_probe_without_gpu() -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from project.errors import UserError
+from project.runtime import keep_signal_stack
 
 RUNTIMES = {".pt2": "torch", ".onnx": "onnxruntime", ".xml": "openvino"}
 SUFFIXES = tuple(RUNTIMES)
@@ -87,7 +88,8 @@ def load_runner(path: str | Path, compile: bool = False) -> Runner:
             return lambda images: session.run(None, {name: np.ascontiguousarray(images, dtype=np.float32)})[0]
         # f32: on CPUs with bf16 units (AMX, AVX512-BF16) OpenVINO would otherwise run float ops in bfloat16,
         # a different model from the one exported; int8 layers stay int8 either way
-        compiled = module.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        with keep_signal_stack():
+            compiled = module.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return lambda images: compiled(np.ascontiguousarray(images, dtype=np.float32))[0]
     except Exception as err:  # each runtime has its own error types for a corrupt or truncated model
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

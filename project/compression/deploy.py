@@ -31,6 +31,7 @@ from torch import nn
 from project.compression.artifacts import require
 from project.compression.cpu import choose_reduce_range, cpu_has_vnni
 from project.compression.export import MIN_CALIBRATION, input_contract, with_input_normalization
+from project.runtime import keep_signal_stack
 from project.errors import UserError
 
 def check_calibration(images: np.ndarray) -> None:
@@ -138,7 +139,8 @@ def convert_openvino(onnx_path: Path, path: Path, calibration: np.ndarray | None
         check_calibration(calibration)
         nncf = require("nncf")
         batches = np.array_split(calibration.astype(np.float32), max(1, len(calibration) // 32))
-        model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+        with keep_signal_stack():  # NNCF compiles the model to collect its statistics
+            model = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
     path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(path), compress_to_fp16=False)
     return path

@@ -118,3 +118,33 @@ def test_runtimes_not_installed_are_skipped_with_a_line_or_refused_when_asked(mo
     with pytest.raises(UserError, match="needs nncf"):
         P.choose_runtimes(["openvino"], ptq=True)
 
+
+
+_SIGNAL_AFTER_OPENVINO = """
+import gc, os, signal, sys, time
+import numpy as np
+from project.compression.artifacts import load_runner
+first, second = load_runner(sys.argv[1]), load_runner(sys.argv[1])  # two openvino.Core()s, two plugin engines
+first(np.zeros((1, 3, 32, 32), np.float32))
+del first; gc.collect(); del second; gc.collect()  # gone in the order they came: not last-in, first-out
+signal.signal(signal.SIGUSR1, lambda *a: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGUSR1)  # what a DataLoader worker's SIGCHLD does later in a test session
+time.sleep(0.2)
+print("alive")
+"""
+
+
+def test_a_signal_after_openvino_models_are_gone_is_handled(tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin leaves the thread on a freed alternate signal stack when two cores go in the order
+    they came (project.runtime.keep_signal_stack); the next signal was a SIGSEGV that killed the test session."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    net = build_network("cnn", 10, 3, 32).eval()
+    variant = P.write_artifacts("fp32", net, net, ["openvino"], tmp_path, SHAPE, MEAN, STD)
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _SIGNAL_AFTER_OPENVINO,
+                          str(variant.files["openvino"])], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.split() == ["handled", "alive"]
