@@ -41,7 +41,7 @@ def _read(path: Path) -> dict[str, Any]:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
             raise UserError(
-                f"checkpoint {path} was refused: it holds Python objects other than tensors and plain data, "
+                f"checkpoint {path} was refused by torch.load(weights_only=True): it holds Python objects other than tensors and plain data, "
                 "which could run code when loaded; only load checkpoints you trust"
             ) from None
         raise UserError(f"checkpoint {path} is unreadable ({first}): it is truncated or not a checkpoint") from None

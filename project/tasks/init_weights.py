@@ -12,7 +12,7 @@ Backbone tensors must all be present with the right shapes; the head loads only 
 (another ``num_classes`` keeps the freshly initialised head). The one other tolerated difference is
 torchvision's 7x7 ImageNet stem (``conv1.weight``) against this project's 3x3 CIFAR stem, or another
 number of input channels: that layer is re-initialised. Anything else is a :class:`UserError`.
-Files load with ``torch.load(..., weights_only=True)``.
+Files load through :func:`project.checkpoints.load_checkpoint` (``weights_only=True``).
 """
 
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from project.checkpoints import load_checkpoint
 from project.errors import UserError
 
 _FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
@@ -83,11 +84,7 @@ def _read_source(source: str, arch: str) -> tuple[dict[str, torch.Tensor], bool]
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every failure becomes one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"init_from {path} could not be loaded with weights_only=True ({first[:160]}): it is not a checkpoint or state_dict file, or holds untrusted objects") from None
+    obj = load_checkpoint(path)  # the project's one reader: weights_only=True, failures as one line
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # a Lightning checkpoint
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
