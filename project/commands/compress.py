@@ -41,6 +41,8 @@ from project.errors import UserError, exit_on_user_error
 
 VARIANTS = ("fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8")
 NO_FINETUNE = ("fp32", "ptq")  # variants built from the checkpoint as is, without a variant config
+SCHEDULES = ("cosine", "constant", "config")
+_SCHEDULE_ARGS = ("--model.init_args.optimizer", "--model.init_args.lr_scheduler")
 
 
 @contextlib.contextmanager
@@ -66,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}"
     )
     parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs of each variant")
+    parser.add_argument(
+        "--finetune-schedule", choices=SCHEDULES, default="cosine",
+        help="LR schedule of the fine-tuning runs: cosine (no warm-up) or constant from --finetune-lr-scale x the "
+        "config's peak LR, or config (the config's own, from-scratch schedule). Any --model.init_args.optimizer/"
+        "lr_scheduler argument given keeps the config's schedule with it",
+    )
+    parser.add_argument("--finetune-lr-scale", type=float, default=0.1,
+                        help="fine-tuning peak LR as a fraction of the config's peak LR")
     parser.add_argument("--calibration-images", type=int, default=300, help="training images that calibrate ptq")
     parser.add_argument(
         "--variant-dir", default=None,
@@ -101,6 +111,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.variants = choose(args.variants, VARIANTS, "variant")
     if args.finetune_epochs < 1:
         raise UserError(f"--finetune-epochs must be >= 1, got {args.finetune_epochs}")
+    if not 0.0 < args.finetune_lr_scale <= 1.0:
+        raise UserError(f"--finetune-lr-scale is a fraction of the config's peak LR in (0, 1], got {args.finetune_lr_scale}")
     if "ptq" in args.variants:
         check_calibration(args.calibration_images)
     args.batch_sizes = timing(args.batch_sizes, args.warmup, args.repeats, allow_none=True)
@@ -127,6 +139,27 @@ def _cli(args: list[str]) -> Any:
     from project.cli import ProjectCLI
 
     return ProjectCLI(args=args, run=False)
+
+
+def finetune_schedule(config: Any, args: argparse.Namespace, extra: list[str]) -> tuple[list[str], str]:
+    """The arguments that give the fine-tuning runs a fine-tuning schedule, and a line saying which.
+
+    The config's schedule was made to train from scratch (warm-up, a peak LR for random weights); a network
+    that starts trained only needs a fraction of that LR, decaying (``cosine``, without warm-up) or flat.
+    """
+    if args.finetune_schedule == "config" or any(a.startswith(_SCHEDULE_ARGS) for a in extra):
+        return [], "the config's own LR schedule"
+    model = config.model.init_args
+    optimizer_args = getattr(getattr(model, "optimizer", None), "init_args", None)
+    scheduler_args = getattr(getattr(model, "lr_scheduler", None), "init_args", None)
+    peak = getattr(scheduler_args, "max_lr", None) or getattr(optimizer_args, "lr", None)
+    if not isinstance(peak, (int, float)):
+        return [], "the config's own LR schedule (no single peak LR in it to scale)"
+    lr = float(peak) * args.finetune_lr_scale
+    scheduler = ('{"class_path": "project.tasks.WarmupCosineLR", "init_args": {"warmup_steps": 0}}'
+                 if args.finetune_schedule == "cosine" else "null")
+    return ([f"--model.init_args.optimizer.init_args.lr={lr:g}", f"--model.init_args.lr_scheduler={scheduler}"],
+            f"{args.finetune_schedule} LR from {lr:g} ({args.finetune_lr_scale:g} x the config's peak {float(peak):g})")
 
 
 def calibration_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
@@ -179,6 +212,9 @@ def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path,
     fp32 = base.model.net
     load_initial_weights(fp32, args.ckpt, hp["arch"])
     todo = args.variants
+    schedule, said = finetune_schedule(base.config, args, extra)
+    if set(todo) - set(NO_FINETUNE):
+        _log(f"compress: fine-tuning with {said}")
     for i, variant in enumerate(todo, start=1):
         if variant == "fp32":
             _log(f"[{i}/{len(todo)}] fp32: the checkpoint as is")
@@ -201,7 +237,7 @@ def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path,
         else:
             _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
             cli = _cli([
-                f"--config={args.config}", *extra, f"--config={variants_folder / f'{variant}.yaml'}",
+                f"--config={args.config}", *extra, *schedule, f"--config={variants_folder / f'{variant}.yaml'}",
                 f"--model.init_args.init_from={args.ckpt}", f"--trainer.max_epochs={args.finetune_epochs}",
                 f"--trainer.logger.init_args.save_dir={folder / 'finetune'}", f"--trainer.logger.init_args.name={variant}",
             ])
@@ -266,7 +302,8 @@ def _build_and_measure(args: argparse.Namespace, extra: list[str], variants_fold
         torch.set_num_threads(threads)
     meta = {
         "config": args.config, "checkpoint": args.ckpt, "extra_args": " ".join(extra),
-        "finetune_epochs": args.finetune_epochs, "test_images": len(labels), "runtimes": runtimes,
+        "finetune_epochs": args.finetune_epochs, "finetune_schedule": finetune_schedule(base.config, args, extra)[1],
+        "test_images": len(labels), "runtimes": runtimes,
         "calibration_images": args.calibration_images if "ptq" in args.variants else 0,
         "reduce_range": args.reduce_range, "vnni": cpu_has_vnni(),
         "latency": f"median of {args.repeats} calls after {args.warmup} warm-up (compilation excluded), "

@@ -254,3 +254,37 @@ def test_a_network_a_runtime_cannot_export_is_one_line_and_leaves_nothing(
                                 f"--data.data_dir={fake_mnist_dir}", *FAST])
     assert "fp32.pt2 does not export to ONNX" in line
     assert _nothing_written(tmp_path)  # the folder with fp32.pt2 in it was removed
+
+
+def test_fine_tuning_runs_use_a_fine_tuning_schedule_saved_in_their_config(report: dict) -> None:
+    import yaml
+
+    scratch = yaml.safe_load((REPO / "configs/mnist_lenet.yaml").read_text())["model"]["init_args"]
+    assert scratch["lr_scheduler"]["class_path"].endswith("OneCycleLR")  # the from-scratch recipe: warm-up to 0.004
+    peak = scratch["lr_scheduler"]["init_args"]["max_lr"]
+    for variant in ("unstructured", "structured", "int8", "pruned_int8"):
+        (saved,) = (Path(report["folder"]) / "finetune" / variant).glob("version_*/config.yaml")
+        model = yaml.safe_load(saved.read_text())["model"]["init_args"]
+        assert model["lr_scheduler"]["class_path"] == "project.tasks.WarmupCosineLR", variant
+        assert model["lr_scheduler"]["init_args"]["warmup_steps"] == 0
+        assert model["optimizer"]["init_args"]["lr"] == pytest.approx(0.1 * peak)
+    assert report["finetune_schedule"].startswith("cosine LR from 0.0004")
+
+
+def test_the_users_own_schedule_arguments_win() -> None:
+    from types import SimpleNamespace as NS
+
+    from project.commands.compress import finetune_schedule, parse_args
+
+    config = NS(model=NS(init_args=NS(optimizer=NS(init_args=NS(lr=0.01)), lr_scheduler=NS(init_args=NS(max_lr=0.02)))))
+    args, _ = parse_args([f"--config={REPO / 'configs/mnist_lenet.yaml'}", "--ckpt=x.ckpt", "--finetune-schedule=constant"])
+    assert finetune_schedule(config, args, []) == (
+        ["--model.init_args.optimizer.init_args.lr=0.002", "--model.init_args.lr_scheduler=null"],
+        "constant LR from 0.002 (0.1 x the config's peak 0.02)")
+    assert finetune_schedule(config, args, ["--model.init_args.optimizer.init_args.lr=0.5"])[0] == []
+
+
+def test_a_bad_fine_tuning_lr_scale_is_one_line(capsys, lenet_ckpt: Path) -> None:
+    line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}",
+                                "--finetune-lr-scale=0"])
+    assert "--finetune-lr-scale" in line
