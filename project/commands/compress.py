@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--finetune-lr-scale", type=float, default=0.1,
                         help="fine-tuning peak LR as a fraction of the config's peak LR")
+    parser.add_argument(
+        "--distill", action=argparse.BooleanOptionalAction, default=True,
+        help="fine-tune each variant with the fp32 checkpoint as its teacher (project.tasks.DistillationClassifier: "
+        "its loss, temperature and alpha; the teacher never enters a checkpoint)",
+    )
     parser.add_argument("--calibration-images", type=int, default=300, help="training images that calibrate ptq")
     parser.add_argument(
         "--variant-dir", default=None,
@@ -162,6 +167,20 @@ def finetune_schedule(config: Any, args: argparse.Namespace, extra: list[str]) -
             f"{args.finetune_schedule} LR from {lr:g} ({args.finetune_lr_scale:g} x the config's peak {float(peak):g})")
 
 
+def distillation(config: Any, args: argparse.Namespace) -> list[str]:
+    """The arguments that make each fine-tuning run learn from the fp32 checkpoint as its teacher (``--distill``).
+
+    A config whose task already distils (its own teacher) keeps it.
+    """
+    from project.tasks.distill import DistillationClassifier
+
+    class_path = str(getattr(config.model, "class_path", ""))
+    if not args.distill or class_path.endswith(DistillationClassifier.__name__):
+        return []
+    return [f"--model.class_path={DistillationClassifier.__module__}.{DistillationClassifier.__name__}",
+            f"--model.init_args.teacher_checkpoint={args.ckpt}"]
+
+
 def calibration_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
     """The first ``count`` training images, normalised as the network takes them, without augmentation."""
     datamodule.prepare_data()
@@ -213,8 +232,9 @@ def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path,
     load_initial_weights(fp32, args.ckpt, hp["arch"])
     todo = args.variants
     schedule, said = finetune_schedule(base.config, args, extra)
+    teacher = distillation(base.config, args)
     if set(todo) - set(NO_FINETUNE):
-        _log(f"compress: fine-tuning with {said}")
+        _log(f"compress: fine-tuning with {said}" + (", the checkpoint as teacher" if teacher else ""))
     for i, variant in enumerate(todo, start=1):
         if variant == "fp32":
             _log(f"[{i}/{len(todo)}] fp32: the checkpoint as is")
@@ -237,7 +257,7 @@ def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path,
         else:
             _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
             cli = _cli([
-                f"--config={args.config}", *extra, *schedule, f"--config={variants_folder / f'{variant}.yaml'}",
+                f"--config={args.config}", *extra, *schedule, *teacher, f"--config={variants_folder / f'{variant}.yaml'}",
                 f"--model.init_args.init_from={args.ckpt}", f"--trainer.max_epochs={args.finetune_epochs}",
                 f"--trainer.logger.init_args.save_dir={folder / 'finetune'}", f"--trainer.logger.init_args.name={variant}",
             ])
@@ -303,6 +323,7 @@ def _build_and_measure(args: argparse.Namespace, extra: list[str], variants_fold
     meta = {
         "config": args.config, "checkpoint": args.ckpt, "extra_args": " ".join(extra),
         "finetune_epochs": args.finetune_epochs, "finetune_schedule": finetune_schedule(base.config, args, extra)[1],
+        "distilled_from": args.ckpt if distillation(base.config, args) else None,
         "test_images": len(labels), "runtimes": runtimes,
         "calibration_images": args.calibration_images if "ptq" in args.variants else 0,
         "reduce_range": args.reduce_range, "vnni": cpu_has_vnni(),

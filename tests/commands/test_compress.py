@@ -288,3 +288,31 @@ def test_a_bad_fine_tuning_lr_scale_is_one_line(capsys, lenet_ckpt: Path) -> Non
     line = _error_line(capsys, [f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}",
                                 "--finetune-lr-scale=0"])
     assert "--finetune-lr-scale" in line
+
+
+def test_fine_tuning_runs_learn_from_the_checkpoint_and_never_save_the_teacher(report: dict, lenet_ckpt: Path) -> None:
+    import yaml
+
+    assert report["distilled_from"] == str(lenet_ckpt)
+    for variant in ("unstructured", "structured", "int8", "pruned_int8"):
+        (run,) = (Path(report["folder"]) / "finetune" / variant).glob("version_*")
+        model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+        assert model["class_path"] == "project.tasks.distill.DistillationClassifier", variant
+        assert model["init_args"]["teacher_checkpoint"] == str(lenet_ckpt)
+        for ckpt in run.glob("checkpoints/*.ckpt"):
+            state = torch.load(ckpt, weights_only=True)["state_dict"]
+            assert state and not any(k.startswith("teacher.") for k in state), (variant, ckpt.name)
+
+
+def test_no_distill_and_a_distilling_config_keep_their_task() -> None:
+    from types import SimpleNamespace as NS
+
+    from project.commands.compress import distillation, parse_args
+
+    lenet = f"--config={REPO / 'configs/mnist_lenet.yaml'}"
+    plain = NS(model=NS(class_path="project.tasks.ImageClassifier"))
+    assert distillation(plain, parse_args([lenet, "--ckpt=a.ckpt"])[0]) == [
+        "--model.class_path=project.tasks.distill.DistillationClassifier", "--model.init_args.teacher_checkpoint=a.ckpt"]
+    assert distillation(plain, parse_args([lenet, "--ckpt=a.ckpt", "--no-distill"])[0]) == []
+    own = NS(model=NS(class_path="project.tasks.distill.DistillationClassifier"))
+    assert distillation(own, parse_args([lenet, "--ckpt=a.ckpt"])[0]) == []
