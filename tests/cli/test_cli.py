@@ -256,3 +256,35 @@ def test_default_root_dir_is_where_the_run_goes_and_an_unwritable_one_fails_at_s
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "default_root_dir" in lines[0], lines
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_fit_exports_the_network_it_trained_to_every_runtime_asked(fake_mnist_dir, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    import numpy as np
+
+    from project.checkpoints import load_network
+    from project.compression.artifacts import load_runner
+    from project.compression.export import with_input_normalization
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--data.data_dir={fake_mnist_dir}", "--data.val_size=64",
+          "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.enable_progress_bar=false",
+          "--test_after_fit=false", "--export=torch,onnxruntime,openvino"])
+    (run,) = (tmp_path / "lightning_logs" / "mnist_lenet").glob("version_*")
+    net, _ = load_network(run / "checkpoints" / "last.ckpt")  # the weights the export was written from
+    images = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        expected = with_input_normalization(net, (0.1307,), (0.3081,)).eval()(images).argmax(-1).numpy()
+    for name in ("model.pt2", "model.onnx", "model.xml"):
+        predicted = np.asarray(load_runner(run / name)(images.numpy())).argmax(-1)
+        assert (predicted == expected).all(), name
+
+
+def test_fit_exports_nothing_by_default_without_a_compression_callback(fake_mnist_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--data.data_dir={fake_mnist_dir}", "--data.val_size=64",
+          "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.enable_progress_bar=false",
+          "--test_after_fit=false"])
+    (run,) = (tmp_path / "lightning_logs" / "mnist_lenet").glob("version_*")
+    assert not [p.name for p in run.iterdir() if p.name.startswith("model.")]
