@@ -4,8 +4,8 @@ Reads the shared JPEG copy of CIFAR-10 (``cifar10-jpg.tar.gz`` in ``--data-dir``
 ``data/cifar10-jpg/``, decoded into memory by ``ImageFolderDataModule``). Then, each step a command a user runs:
 
 1. the BN CNN: ``fit`` with ``configs/cifar10_cnn.yaml``'s recipe for ``--cnn-epochs`` epochs, then ``compress``
-   with variants ``fp32,ptq,int8,pruned_int8`` (QAT fine-tuned ``--finetune-epochs`` with compress's defaults:
-   its fine-tuning schedule and distillation from the fp32 checkpoint);
+   with variants ``fp32,ptq,int8,pruned_int8`` (QAT fine-tuned ``--finetune-epochs`` with compress's default
+   fine-tuning schedule: the config's one-cycle at a tenth of its LR);
 2. ResNet-18/32px: a short ``fit`` with ``configs/cifar10_resnet18.yaml``'s recipe (``--resnet-batches`` steps at
    peak LR ``--resnet-lr``: agreement is the point, not accuracy), then ``compress`` with ``fp32,ptq``. The fit
    must learn something: a network that has barely started has near-tied logits, whose order any int8
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1, help="QAT fine-tuning epochs of int8/pruned_int8")
     parser.add_argument("--finetune-lr", type=float, default=None,
                         help="peak LR of the fine-tuning runs with the config's one-cycle schedule (default: compress's "
-                             "own fine-tuning schedule, 0.1 x the config's peak LR, cosine)")
+                             "own fine-tuning schedule, the config's at 0.1 x its LR)")
     parser.add_argument("--runtimes", default="torch,torch.compile,onnxruntime,openvino")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)

@@ -41,7 +41,7 @@ from project.errors import UserError, exit_on_user_error
 
 VARIANTS = ("fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8")
 NO_FINETUNE = ("fp32", "ptq")  # variants built from the checkpoint as is, without a variant config
-SCHEDULES = ("cosine", "constant", "config")
+SCHEDULES = ("scaled", "cosine", "constant", "config")
 _SCHEDULE_ARGS = ("--model.init_args.optimizer", "--model.init_args.lr_scheduler")
 
 
@@ -69,15 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs of each variant")
     parser.add_argument(
-        "--finetune-schedule", choices=SCHEDULES, default="cosine",
-        help="LR schedule of the fine-tuning runs: cosine (no warm-up) or constant from --finetune-lr-scale x the "
-        "config's peak LR, or config (the config's own, from-scratch schedule). Any --model.init_args.optimizer/"
-        "lr_scheduler argument given keeps the config's schedule with it",
+        "--finetune-schedule", choices=SCHEDULES, default="scaled",
+        help="LR schedule of the fine-tuning runs: scaled (the config's own schedule with its LRs x "
+        "--finetune-lr-scale), cosine (no warm-up) or constant from --finetune-lr-scale x the config's peak LR, or "
+        "config (the config's own, from-scratch schedule). Any --model.init_args.optimizer/lr_scheduler argument "
+        "given keeps the config's schedule with it",
     )
     parser.add_argument("--finetune-lr-scale", type=float, default=0.1,
                         help="fine-tuning peak LR as a fraction of the config's peak LR")
     parser.add_argument(
-        "--distill", action=argparse.BooleanOptionalAction, default=True,
+        "--distill", action=argparse.BooleanOptionalAction, default=False,
         help="fine-tune each variant with the fp32 checkpoint as its teacher (project.tasks.DistillationClassifier: "
         "its loss, temperature and alpha; the teacher never enters a checkpoint)",
     )
@@ -149,8 +150,9 @@ def _cli(args: list[str]) -> Any:
 def finetune_schedule(config: Any, args: argparse.Namespace, extra: list[str]) -> tuple[list[str], str]:
     """The arguments that give the fine-tuning runs a fine-tuning schedule, and a line saying which.
 
-    The config's schedule was made to train from scratch (warm-up, a peak LR for random weights); a network
-    that starts trained only needs a fraction of that LR, decaying (``cosine``, without warm-up) or flat.
+    The config's schedule was made to train from scratch (a peak LR for random weights); a network that starts
+    trained needs a fraction of that LR: the config's own schedule at that fraction (``scaled``: a one-cycle
+    warm-up keeps the first QAT steps gentle), a cosine without warm-up, or a flat LR.
     """
     if args.finetune_schedule == "config" or any(a.startswith(_SCHEDULE_ARGS) for a in extra):
         return [], "the config's own LR schedule"
@@ -161,6 +163,14 @@ def finetune_schedule(config: Any, args: argparse.Namespace, extra: list[str]) -
     if not isinstance(peak, (int, float)):
         return [], "the config's own LR schedule (no single peak LR in it to scale)"
     lr = float(peak) * args.finetune_lr_scale
+    if args.finetune_schedule == "scaled":
+        scaled = [f"--model.init_args.{key}={float(value) * args.finetune_lr_scale:g}"
+                  for key, value in (("optimizer.init_args.lr", getattr(optimizer_args, "lr", None)),
+                                     ("lr_scheduler.init_args.max_lr", getattr(scheduler_args, "max_lr", None)))
+                  if isinstance(value, (int, float))]
+        name = str(getattr(model.lr_scheduler, "class_path", "constant")).rsplit(".", 1)[-1] \
+            if getattr(model, "lr_scheduler", None) else "constant"
+        return scaled, f"the config's {name} schedule at {args.finetune_lr_scale:g} x its LR (peak {lr:g})"
     scheduler = ('{"class_path": "project.tasks.WarmupCosineLR", "init_args": {"warmup_steps": 0}}'
                  if args.finetune_schedule == "cosine" else "null")
     return ([f"--model.init_args.optimizer.init_args.lr={lr:g}", f"--model.init_args.lr_scheduler={scheduler}"],

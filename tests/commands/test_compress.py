@@ -25,7 +25,8 @@ RUNTIMES = ["torch", "onnxruntime", "openvino"]
 def report(fake_mnist_dir: Path, lenet_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("reports")
     return compress_run([f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--ckpt={lenet_ckpt}", f"--out={out}",
-                         "--finetune-epochs=1", f"--runtimes={','.join(RUNTIMES)}", "--warmup=1", "--repeats=3", "--batch-sizes=1,8",
+                         "--finetune-epochs=1", "--distill", f"--runtimes={','.join(RUNTIMES)}", "--warmup=1", "--repeats=3",
+                         "--batch-sizes=1,8",
                          f"--data.data_dir={fake_mnist_dir}", *FAST])
 
 
@@ -260,15 +261,15 @@ def test_fine_tuning_runs_use_a_fine_tuning_schedule_saved_in_their_config(repor
     import yaml
 
     scratch = yaml.safe_load((REPO / "configs/mnist_lenet.yaml").read_text())["model"]["init_args"]
-    assert scratch["lr_scheduler"]["class_path"].endswith("OneCycleLR")  # the from-scratch recipe: warm-up to 0.004
-    peak = scratch["lr_scheduler"]["init_args"]["max_lr"]
+    assert scratch["lr_scheduler"]["class_path"].endswith("OneCycleLR")  # the from-scratch recipe, peak 0.004
+    peak, lr = scratch["lr_scheduler"]["init_args"]["max_lr"], scratch["optimizer"]["init_args"]["lr"]
     for variant in ("unstructured", "structured", "int8", "pruned_int8"):
         (saved,) = (Path(report["folder"]) / "finetune" / variant).glob("version_*/config.yaml")
         model = yaml.safe_load(saved.read_text())["model"]["init_args"]
-        assert model["lr_scheduler"]["class_path"] == "project.tasks.WarmupCosineLR", variant
-        assert model["lr_scheduler"]["init_args"]["warmup_steps"] == 0
-        assert model["optimizer"]["init_args"]["lr"] == pytest.approx(0.1 * peak)
-    assert report["finetune_schedule"].startswith("cosine LR from 0.0004")
+        assert model["lr_scheduler"]["class_path"].endswith("OneCycleLR"), variant  # its shape, a tenth of its LR
+        assert model["lr_scheduler"]["init_args"]["max_lr"] == pytest.approx(0.1 * peak)
+        assert model["optimizer"]["init_args"]["lr"] == pytest.approx(0.1 * lr)
+    assert report["finetune_schedule"] == "the config's OneCycleLR schedule at 0.1 x its LR (peak 0.0004)"
 
 
 def test_the_users_own_schedule_arguments_win() -> None:
@@ -282,6 +283,10 @@ def test_the_users_own_schedule_arguments_win() -> None:
         ["--model.init_args.optimizer.init_args.lr=0.002", "--model.init_args.lr_scheduler=null"],
         "constant LR from 0.002 (0.1 x the config's peak 0.02)")
     assert finetune_schedule(config, args, ["--model.init_args.optimizer.init_args.lr=0.5"])[0] == []
+    args, _ = parse_args([f"--config={REPO / 'configs/mnist_lenet.yaml'}", "--ckpt=x.ckpt", "--finetune-schedule=cosine"])
+    assert finetune_schedule(config, args, [])[0] == [
+        "--model.init_args.optimizer.init_args.lr=0.002",
+        '--model.init_args.lr_scheduler={"class_path": "project.tasks.WarmupCosineLR", "init_args": {"warmup_steps": 0}}']
 
 
 def test_a_bad_fine_tuning_lr_scale_is_one_line(capsys, lenet_ckpt: Path) -> None:
@@ -304,15 +309,15 @@ def test_fine_tuning_runs_learn_from_the_checkpoint_and_never_save_the_teacher(r
             assert state and not any(k.startswith("teacher.") for k in state), (variant, ckpt.name)
 
 
-def test_no_distill_and_a_distilling_config_keep_their_task() -> None:
+def test_distillation_only_when_asked_and_a_distilling_config_keeps_its_task() -> None:
     from types import SimpleNamespace as NS
 
     from project.commands.compress import distillation, parse_args
 
     lenet = f"--config={REPO / 'configs/mnist_lenet.yaml'}"
     plain = NS(model=NS(class_path="project.tasks.ImageClassifier"))
-    assert distillation(plain, parse_args([lenet, "--ckpt=a.ckpt"])[0]) == [
+    assert distillation(plain, parse_args([lenet, "--ckpt=a.ckpt", "--distill"])[0]) == [
         "--model.class_path=project.tasks.distill.DistillationClassifier", "--model.init_args.teacher_checkpoint=a.ckpt"]
-    assert distillation(plain, parse_args([lenet, "--ckpt=a.ckpt", "--no-distill"])[0]) == []
+    assert distillation(plain, parse_args([lenet, "--ckpt=a.ckpt"])[0]) == []  # off unless asked
     own = NS(model=NS(class_path="project.tasks.distill.DistillationClassifier"))
-    assert distillation(own, parse_args([lenet, "--ckpt=a.ckpt"])[0]) == []
+    assert distillation(own, parse_args([lenet, "--ckpt=a.ckpt", "--distill"])[0]) == []
