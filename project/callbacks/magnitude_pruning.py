@@ -161,8 +161,11 @@ class MagnitudePruning(Callback):
     def _log(self, trainer: Trainer, pl_module: LightningModule, point: int, target: float) -> None:
         overall, per_layer = sparsity_of((name, pl_module.get_parameter(name)) for name in self._targets)
         self.history.append({self.unit: point, "step": trainer.global_step, "target": target, "sparsity": overall})
-        metrics = {"sparsity/global": overall, "sparsity/target": target}
-        metrics.update({f"sparsity/{name}": value for name, value in per_layer.items()})
+        # the schedule's own record under pruning/; the layers under the network's names, as TensorBoardViews
+        # logs them (sparsity/<layer of the network>), so one tag is one quantity whichever callback wrote it
+        prefix = network_prefix(pl_module)
+        metrics = {"pruning/sparsity": overall, "pruning/target": target}
+        metrics.update({f"sparsity/{name.removeprefix(prefix)}": value for name, value in per_layer.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(f"pruning at {self.unit} {point}: target {target:.2%}, reached {overall:.2%}")
