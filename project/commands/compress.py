@@ -32,17 +32,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from project.commands._args import check_calibration, check_config, check_passed_on, choose, timing
+from project.commands._data import calibration_batches, load_test_split
+from project.commands.finetuning import SCHEDULES, distillation, finetune_schedule
 from project.compression.pipeline import MIN_AGREEMENT_FLOAT, MIN_AGREEMENT_INT8, RUNTIMES
 from project.errors import UserError, exit_on_user_error
 
 VARIANTS = ("fp32", "unstructured", "structured", "ptq", "int8", "pruned_int8")
 NO_FINETUNE = ("fp32", "ptq")  # variants built from the checkpoint as is, without a variant config
-SCHEDULES = ("scaled", "cosine", "constant", "config")
-_SCHEDULE_ARGS = ("--model.init_args.optimizer", "--model.init_args.lr_scheduler")
 
 
 @contextlib.contextmanager
@@ -145,76 +144,6 @@ def _cli(args: list[str]) -> Any:
     from project.cli import ProjectCLI
 
     return ProjectCLI(args=args, run=False)
-
-
-def finetune_schedule(config: Any, args: argparse.Namespace, extra: list[str]) -> tuple[list[str], str]:
-    """The arguments that give the fine-tuning runs a fine-tuning schedule, and a line saying which.
-
-    The config's schedule was made to train from scratch (a peak LR for random weights); a network that starts
-    trained needs a fraction of that LR: the config's own schedule at that fraction (``scaled``: a one-cycle
-    warm-up keeps the first QAT steps gentle), a cosine without warm-up, or a flat LR.
-    """
-    if args.finetune_schedule == "config" or any(a.startswith(_SCHEDULE_ARGS) for a in extra):
-        return [], "the config's own LR schedule"
-    model = config.model.init_args
-    optimizer_args = getattr(getattr(model, "optimizer", None), "init_args", None)
-    scheduler_args = getattr(getattr(model, "lr_scheduler", None), "init_args", None)
-    peak = getattr(scheduler_args, "max_lr", None) or getattr(optimizer_args, "lr", None)
-    if not isinstance(peak, (int, float)):
-        return [], "the config's own LR schedule (no single peak LR in it to scale)"
-    lr = float(peak) * args.finetune_lr_scale
-    if args.finetune_schedule == "scaled":
-        scaled = [f"--model.init_args.{key}={float(value) * args.finetune_lr_scale:g}"
-                  for key, value in (("optimizer.init_args.lr", getattr(optimizer_args, "lr", None)),
-                                     ("lr_scheduler.init_args.max_lr", getattr(scheduler_args, "max_lr", None)))
-                  if isinstance(value, (int, float))]
-        name = str(getattr(model.lr_scheduler, "class_path", "constant")).rsplit(".", 1)[-1] \
-            if getattr(model, "lr_scheduler", None) else "constant"
-        return scaled, f"the config's {name} schedule at {args.finetune_lr_scale:g} x its LR (peak {lr:g})"
-    scheduler = ('{"class_path": "project.tasks.WarmupCosineLR", "init_args": {"warmup_steps": 0}}'
-                 if args.finetune_schedule == "cosine" else "null")
-    return ([f"--model.init_args.optimizer.init_args.lr={lr:g}", f"--model.init_args.lr_scheduler={scheduler}"],
-            f"{args.finetune_schedule} LR from {lr:g} ({args.finetune_lr_scale:g} x the config's peak {float(peak):g})")
-
-
-def distillation(config: Any, args: argparse.Namespace) -> list[str]:
-    """The arguments that make each fine-tuning run learn from the fp32 checkpoint as its teacher (``--distill``).
-
-    A config whose task already distils (its own teacher) keeps it.
-    """
-    from project.tasks.distill import DistillationClassifier
-
-    class_path = str(getattr(config.model, "class_path", ""))
-    if not args.distill or class_path.endswith(DistillationClassifier.__name__):
-        return []
-    return [f"--model.class_path={DistillationClassifier.__module__}.{DistillationClassifier.__name__}",
-            f"--model.init_args.teacher_checkpoint={args.ckpt}"]
-
-
-def calibration_batches(datamodule: Any, count: int) -> list[torch.Tensor]:
-    """The first ``count`` training images, normalised as the network takes them, without augmentation."""
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batches, seen = [], 0
-    for batch in datamodule.train_dataloader():
-        batches.append(datamodule.transform(batch[0], train=False).cpu()[: count - seen])
-        seen += len(batches[-1])
-        if seen >= count:
-            break
-    return batches
-
-
-def load_test_split(datamodule: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The whole test split as float32 images in [0, 1] (what every shipped file takes) and labels, as numpy."""
-    from project.compression.export import as_unit_float
-
-    datamodule.prepare_data()
-    datamodule.setup("test")
-    images, labels = [], []
-    for batch in datamodule.test_dataloader():
-        images.append(as_unit_float(batch[0]).cpu())
-        labels.append(batch[1].cpu())
-    return torch.cat(images).numpy(), torch.cat(labels).numpy()
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
