@@ -139,11 +139,18 @@ def _log(message: str) -> None:
 
 
 def _cli(args: list[str]) -> Any:
-    """``ProjectCLI(args, run=False)``: the trainer, model and datamodule of a config, not run."""
+    """``ProjectCLI(args, run=False)``: the trainer, model and datamodule of a config, not run.
+
+    ``sys.argv`` is hidden meanwhile: it holds this command's own arguments, and LightningCLI warns (with both
+    argument lists) whenever it is given ``args`` while ``sys.argv`` has some, once per variant.
+    """
+    import sys
+    from unittest import mock
 
     from project.cli import ProjectCLI
 
-    return ProjectCLI(args=args, run=False)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return ProjectCLI(args=args, run=False)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:

@@ -321,3 +321,19 @@ def test_distillation_only_when_asked_and_a_distilling_config_keeps_its_task() -
     assert distillation(plain, parse_args([lenet, "--ckpt=a.ckpt"])[0]) == []  # off unless asked
     own = NS(model=NS(class_path="project.tasks.distill.DistillationClassifier"))
     assert distillation(own, parse_args([lenet, "--ckpt=a.ckpt", "--distill"])[0]) == []
+
+
+def test_building_a_run_does_not_warn_about_the_commands_own_arguments(monkeypatch, fake_mnist_dir: Path) -> None:
+    import sys
+    import warnings
+
+    from project.commands.compress import _cli
+
+    monkeypatch.setattr(sys, "argv", ["python -m project", "compress", "--config=x.yaml", "--ckpt=y.ckpt"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = _cli([f"--config={REPO / 'configs/mnist_lenet.yaml'}", f"--data.data_dir={fake_mnist_dir}",
+                    "--trainer.logger=false"])
+    assert cli.model.hparams["arch"] == "lenet5"
+    assert not [w for w in caught if "args parameter is intended" in str(w.message)]
+    assert sys.argv[1] == "compress"  # given back
