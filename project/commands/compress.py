@@ -168,19 +168,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path, base: Any, folder: Path,
-              calibration: list[torch.Tensor], runtimes: list[str]
+              calibration: list[torch.Tensor], runtimes: list[str], finetune: list[str]
               ) -> Iterator[tuple[str, torch.nn.Module, torch.nn.Module | None, bool]]:
-    """Each variant's ``(name, PyTorch source, network its .pt2 holds, post-training int8?)``, built in turn."""
+    """Each variant's ``(name, PyTorch source, network its .pt2 holds, post-training int8?)``, built in turn;
+    ``finetune``: the fine-tuning runs' schedule and teacher arguments (:mod:`project.commands.finetuning`)."""
     from project.tasks.init_weights import load_initial_weights
 
     hp = base.model.hparams
     fp32 = base.model.net
     load_initial_weights(fp32, args.ckpt, hp["arch"])
     todo = args.variants
-    schedule, said = finetune_schedule(base.config, args, extra)
-    teacher = distillation(base.config, args)
-    if set(todo) - set(NO_FINETUNE):
-        _log(f"compress: fine-tuning with {said}" + (", the checkpoint as teacher" if teacher else ""))
     for i, variant in enumerate(todo, start=1):
         if variant == "fp32":
             _log(f"[{i}/{len(todo)}] fp32: the checkpoint as is")
@@ -203,7 +200,7 @@ def _networks(args: argparse.Namespace, extra: list[str], variants_folder: Path,
         else:
             _log(f"[{i}/{len(todo)}] {variant}: fine-tuning {args.finetune_epochs} epoch(s) from the checkpoint")
             cli = _cli([
-                f"--config={args.config}", *extra, *schedule, *teacher, f"--config={variants_folder / f'{variant}.yaml'}",
+                f"--config={args.config}", *extra, *finetune, f"--config={variants_folder / f'{variant}.yaml'}",
                 f"--model.init_args.init_from={args.ckpt}", f"--trainer.max_epochs={args.finetune_epochs}",
                 f"--trainer.logger.init_args.save_dir={folder / 'finetune'}", f"--trainer.logger.init_args.name={variant}",
             ])
@@ -247,8 +244,13 @@ def _build_and_measure(args: argparse.Namespace, extra: list[str], variants_fold
     unit = (torch.cat(calibration) * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)).numpy() \
         if calibration else None  # the calibration images in [0, 1], for ONNX Runtime's and NNCF's PTQ
 
+    schedule, said = finetune_schedule(base.config, args, extra)
+    teacher = distillation(base.config, args)
+    if set(args.variants) - set(NO_FINETUNE):
+        _log(f"compress: fine-tuning with {said}" + (", the checkpoint as teacher" if teacher else ""))
     variants, seconds = [], {}
-    for name, source, program_net, ptq in _networks(args, extra, variants_folder, base, folder, calibration, runtimes):
+    for name, source, program_net, ptq in _networks(args, extra, variants_folder, base, folder, calibration, runtimes,
+                                                    [*schedule, *teacher]):
         start = time.perf_counter()
         variants.append(P.write_artifacts(name, source, program_net, runtimes, folder / "artifacts", shape, mean, std,
                                           calibration=unit if ptq else None, quantized=bool(fake_quantizers(source)),
@@ -268,8 +270,8 @@ def _build_and_measure(args: argparse.Namespace, extra: list[str], variants_fold
         torch.set_num_threads(threads)
     meta = {
         "config": args.config, "checkpoint": args.ckpt, "extra_args": " ".join(extra),
-        "finetune_epochs": args.finetune_epochs, "finetune_schedule": finetune_schedule(base.config, args, extra)[1],
-        "distilled_from": args.ckpt if distillation(base.config, args) else None,
+        "finetune_epochs": args.finetune_epochs, "finetune_schedule": said,
+        "distilled_from": args.ckpt if teacher else None,
         "test_images": len(labels), "runtimes": runtimes,
         "calibration_images": args.calibration_images if "ptq" in args.variants else 0,
         "reduce_range": args.reduce_range, "vnni": cpu_has_vnni(),
