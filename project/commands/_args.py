@@ -3,7 +3,6 @@
 from collections.abc import Sequence
 from pathlib import Path
 
-from project.compression.export import MIN_CALIBRATION
 from project.errors import UserError
 
 PASSED_ON = ("--data.", "--model.", "--trainer.", "--seed")  # given to the config, as to `python -m project fit`
@@ -23,11 +22,6 @@ def choose(text: str, allowed: Sequence[str], what: str) -> list[str]:
     if unknown or not chosen:
         raise UserError(f"unknown {what} {unknown[0] if unknown else '(none)'}: choose from {','.join(allowed)}")
     return list(dict.fromkeys(chosen))
-
-
-def check_calibration(count: int) -> None:
-    if count < MIN_CALIBRATION:
-        raise UserError(f"--calibration-images must be >= {MIN_CALIBRATION}, got {count}")
 
 
 def timing(batch_sizes: str, warmup: int, repeats: int, allow_none: bool = False) -> list[int]:

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
-from project.commands._args import check_calibration, check_config, check_passed_on, choose, timing
+from project.commands._args import check_config, check_passed_on, choose, timing
 from project.commands._data import calibration_batches, load_test_split
 from project.commands.finetuning import SCHEDULES, distillation, finetune_schedule
+from project.compression.export import check_calibration_count
 from project.compression.pipeline import MIN_AGREEMENT_FLOAT, MIN_AGREEMENT_INT8, RUNTIMES
 from project.errors import UserError, exit_on_user_error
 
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if not 0.0 < args.finetune_lr_scale <= 1.0:
         raise UserError(f"--finetune-lr-scale is a fraction of the config's peak LR in (0, 1], got {args.finetune_lr_scale}")
     if "ptq" in args.variants:
-        check_calibration(args.calibration_images)
+        check_calibration_count(args.calibration_images, "--calibration-images")
     args.batch_sizes = timing(args.batch_sizes, args.warmup, args.repeats, allow_none=True)
     if args.runtimes is not None:
         args.runtimes = choose(args.runtimes, RUNTIMES, "runtime")

@@ -30,13 +30,10 @@ from torch import nn
 
 from project.compression.artifacts import require
 from project.compression.cpu import choose_reduce_range, cpu_has_vnni
-from project.compression.export import MIN_CALIBRATION, input_contract, with_input_normalization
+from project.compression.export import check_calibration_count, input_contract, with_input_normalization
 from project.runtime import keep_signal_stack
 from project.errors import UserError
 
-def check_calibration(images: np.ndarray) -> None:
-    if len(images) < MIN_CALIBRATION:
-        raise UserError(f"int8 calibration needs at least {MIN_CALIBRATION} images, got {len(images)}: pass more")
 
 
 def export_onnx(net: nn.Module, input_shape: Sequence[int], path: Path, mean: Sequence[float], std: Sequence[float]) -> Path:
@@ -107,7 +104,7 @@ def _set_metadata(path: Path, entries: dict[str, str]) -> None:
 
 def quantize_onnx(fp32: Path, path: Path, calibration: np.ndarray, reduce_range: bool | None = None) -> Path:
     """ONNX Runtime static int8 (QDQ, per-channel weights) of ``fp32`` calibrated on ``calibration`` images."""
-    check_calibration(calibration)
+    check_calibration_count(len(calibration), "ONNX Runtime's int8")
     ort_quant = require("onnxruntime.quantization")
     reduce = choose_reduce_range(reduce_range)
     name = require("onnxruntime").InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()[0].name
@@ -136,7 +133,7 @@ def convert_openvino(onnx_path: Path, path: Path, calibration: np.ndarray | None
     ov = require("openvino")
     model = ov.convert_model(str(onnx_path))
     if calibration is not None:
-        check_calibration(calibration)
+        check_calibration_count(len(calibration), "NNCF's int8")
         nncf = require("nncf")
         batches = np.array_split(calibration.astype(np.float32), max(1, len(calibration) // 32))
         with keep_signal_stack():  # NNCF compiles the model to collect its statistics

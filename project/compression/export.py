@@ -32,6 +32,12 @@ from project.errors import UserError
 
 FORMATS = (".pt2",)
 MIN_CALIBRATION = 32  # fewest images that calibrate int8 (post-training quantization in any runtime)
+
+
+def check_calibration_count(count: int, who: str) -> None:
+    """At least :data:`MIN_CALIBRATION` calibration images, or one UserError line naming ``who`` asked."""
+    if count < MIN_CALIBRATION:
+        raise UserError(f"{who} needs at least {MIN_CALIBRATION} calibration images, got {count}: pass more")
 INPUT_CONTRACT = "input.json"
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from project.compression.export import MIN_CALIBRATION, example_input
+from project.compression.export import check_calibration_count, example_input
 from project.compression.quantization import (
     SETTINGS_ATTR,
     annotate_or_explain,
@@ -33,7 +33,7 @@ def quantize_ptq(
     """An int8 copy of ``model`` calibrated on ``calibration`` batches (images as the network takes them).
 
     ``model`` itself is left untouched. Raises a one-line UserError for a model that is already quantized or
-    cannot be exported, and for fewer than :data:`MIN_CALIBRATION` calibration images. ``reduce_range``: 7-bit
+    cannot be exported, and for fewer than :data:`project.compression.export.MIN_CALIBRATION` calibration images. ``reduce_range``: 7-bit
     activations, by default where the CPU has no VNNI (:func:`~project.compression.quantization.x86_quantizer`).
     """
     ao = require_torchao()
@@ -54,8 +54,7 @@ def quantize_ptq(
         for images in calibration:
             prepared(images.cpu().float())
             seen += len(images)
-    if seen < MIN_CALIBRATION:
-        raise UserError(f"PTQ needs at least {MIN_CALIBRATION} calibration images, got {seen}: pass more")
+    check_calibration_count(seen, "PTQ")
     with torch.no_grad(), cached_pattern_graphs():
         converted = ao.convert_pt2e(prepared, fold_quantize=True)
     strip_unused(converted)
